@@ -1,0 +1,1 @@
+"""Adapter layers shared by strategies (LoRA today; pooled variants live beside it)."""

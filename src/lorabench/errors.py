@@ -1,0 +1,8 @@
+"""One exception type for bad user input, so the CLI can print one clear line instead of a traceback."""
+
+
+class ConfigError(ValueError):
+    """Bad input from the user: a config key, a file or a value that cannot work.
+
+    The message must name the bad key (or file) and say what was expected.
+    """

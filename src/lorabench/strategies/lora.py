@@ -1,0 +1,87 @@
+"""LoRA (Hu et al., 2021) over a 16/32-bit base, behaving as HF PEFT's LoRA."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from safetensors.torch import save_file
+from torch import nn
+
+from lorabench.adapters.lora import inject_lora, lora_layers, merge_and_unload
+from lorabench.errors import ConfigError
+from lorabench.strategies.base import Strategy, StrategyConfig
+from lorabench.strategies.registry import register
+from lorabench.utils import atomic_write_text
+
+
+@dataclass
+class LoRAConfig(StrategyConfig):
+    name: str = "lora"  # registry name
+    lr: float = 3e-3  # tuned on the default task (DESIGN.md §6)
+    rank: int = 8  # r: rank of the update B@A
+    alpha: float = 16.0  # α: the update is scaled by α/r
+    dropout: float = 0.0  # dropout on the adapter input only
+    rslora: bool = False  # scale by α/√r instead of α/r (rank-stabilised LoRA)
+    target_modules: Any = "all-linear"  # 'all-linear' or a list of module names (q_proj, ...)
+    merge: str = "none"  # none | 16bit: also score the model with adapters merged into W
+
+    def validate(self) -> None:
+        if self.rank <= 0:
+            raise ConfigError(f"strategy.rank: must be a positive integer, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"strategy.dropout: must be in [0, 1), got {self.dropout}")
+        if self.merge not in ("none", "16bit"):
+            raise ConfigError(f"strategy.merge: expected 'none' or '16bit', got '{self.merge}'")
+
+
+@register
+class LoRA(Strategy):
+    """Frozen base, trainable fp32 A and B on the targeted linears."""
+
+    name = "lora"
+    config_class = LoRAConfig
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        c = self.cfg
+        self.adapted = inject_lora(model, c.target_modules, c.rank, c.alpha, c.dropout, c.rslora)
+        return model
+
+    def merged_for_eval(self, model: nn.Module, out_dir: Path) -> Optional[nn.Module]:
+        if self.cfg.merge == "none":
+            return None
+        return merge_and_unload(copy.deepcopy(model))
+
+    def save_artifacts(self, model: nn.Module, out_dir: Path) -> None:
+        save_peft_adapter(model, out_dir / "adapter", self.cfg)
+
+
+def save_peft_adapter(model: nn.Module, out_dir: Path, cfg: LoRAConfig) -> None:
+    """Write `adapter_config.json` + `adapter_model.safetensors` in HF PEFT's layout."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    targets = set()
+    for name, layer in lora_layers(model):
+        prefix = f"base_model.model.{name}"
+        tensors[f"{prefix}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous().cpu()
+        tensors[f"{prefix}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous().cpu()
+        targets.add(name.rsplit(".", 1)[-1])
+    tmp = out_dir / "adapter_model.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(out_dir / "adapter_model.safetensors")
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "use_rslora": cfg.rslora,
+        "target_modules": sorted(targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
+    atomic_write_text(out_dir / "adapter_config.json", json.dumps(config, indent=2))
