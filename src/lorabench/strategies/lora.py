@@ -13,7 +13,7 @@ from torch import nn
 
 from lorabench.adapters.lora import inject_lora, lora_layers, merge_and_unload
 from lorabench.errors import ConfigError
-from lorabench.strategies.base import Strategy, StrategyConfig
+from lorabench.strategies.base import BaseFormat, Strategy, StrategyConfig
 from lorabench.strategies.registry import register
 from lorabench.utils import atomic_write_text
 
@@ -27,15 +27,19 @@ class LoRAConfig(StrategyConfig):
     dropout: float = 0.0  # dropout on the adapter input only
     rslora: bool = False  # scale by α/√r instead of α/r (rank-stabilised LoRA)
     target_modules: Any = "all-linear"  # 'all-linear' or a list of module names (q_proj, ...)
-    merge: str = "none"  # none | 16bit: also score the model with adapters merged into W
+    merge: str = "none"  # none | 16bit | intn: also score the merged model (intn: merged, then RTN INT-N)
+    merge_bits: int = 4  # merge=intn: bits of the post-merge RTN quantization
+    merge_group_size: int = 32  # merge=intn: group size along in_features of that quantization
+
+    merge_choices = ("none", "16bit", "intn")
 
     def validate(self) -> None:
         if self.rank <= 0:
             raise ConfigError(f"strategy.rank: must be a positive integer, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"strategy.dropout: must be in [0, 1), got {self.dropout}")
-        if self.merge not in ("none", "16bit"):
-            raise ConfigError(f"strategy.merge: expected 'none' or '16bit', got '{self.merge}'")
+        if self.merge not in self.merge_choices:
+            raise ConfigError(f"strategy.merge: expected one of {list(self.merge_choices)}, got '{self.merge}'")
 
 
 @register
@@ -50,10 +54,30 @@ class LoRA(Strategy):
         self.adapted = inject_lora(model, c.target_modules, c.rank, c.alpha, c.dropout, c.rslora)
         return model
 
+    def merge_to_16bit(self, model: nn.Module) -> nn.Module:
+        """A copy of the model with every adapter merged into a plain float weight (exact)."""
+        return merge_and_unload(copy.deepcopy(model))
+
     def merged_for_eval(self, model: nn.Module, out_dir: Path) -> Optional[nn.Module]:
+        """merge=16bit: the exact merged copy; merge=intn: that copy, RTN-quantized to INT-N
+        with the same quantizer QA-LoRA uses (the paper's "QLoRA w/ GPTQ" baseline, RTN here)."""
         if self.cfg.merge == "none":
             return None
-        return merge_and_unload(copy.deepcopy(model))
+        merged = self.merge_to_16bit(model)
+        if self.cfg.merge == "intn":
+            from lorabench.backbone import quantize_backbone
+
+            fmt = BaseFormat(
+                "intn",
+                self.adapted_names_suffixes(),
+                {"bits": self.cfg.merge_bits, "group_size": self.cfg.merge_group_size},
+            )
+            quantize_backbone(merged, fmt)
+        return merged
+
+    def adapted_names_suffixes(self) -> list[str]:
+        """The exact module names that were adapted (to requantize the same layers)."""
+        return list(self.adapted)
 
     def save_artifacts(self, model: nn.Module, out_dir: Path) -> None:
         save_peft_adapter(model, out_dir / "adapter", self.cfg)

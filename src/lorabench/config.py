@@ -1,0 +1,165 @@
+"""Structured-config schemas, registered in Hydra's ConfigStore, for validation before any work.
+
+Every group but `strategy` has a schema here. A strategy's schema is the dataclass in its
+own file (so adding a strategy touches nothing else); `validate` checks that node against
+the registry before the run starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from lorabench.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    source: str = "tiny"  # tiny: self-pretrained embedded Llama | hf: any AutoModelForCausalLM
+    name_or_path: Optional[str] = None  # hf only: hub id or local model dir
+    dtype: str = "fp32"  # fp32 | bf16: dtype of the (unquantized) base weights
+    hidden_size: int = 256  # tiny: model width (multiple of 64 so INT-N groups of 32/64 divide it)
+    intermediate_size: int = 512  # tiny: MLP width (multiple of 64)
+    num_layers: int = 4  # tiny: decoder blocks
+    num_heads: int = 4  # tiny: attention heads
+    max_position_embeddings: int = 128  # tiny: longest sequence the model sees
+    pretrain_steps: int = 1500  # tiny: full-rank pretraining steps (0 = random init, for from-scratch runs)
+    pretrain_batch_size: int = 64  # tiny: sequences per pretraining step
+    pretrain_lr: float = 2e-3  # tiny: peak AdamW lr of the pretraining cosine schedule
+    pretrain_seed: int = 0  # tiny: seed of init and corpus (part of the cache key)
+    pretrain_families: list[str] = field(default_factory=lambda: ["add", "reverse", "copy", "kv"])  # tiny: task families mixed into the corpus
+    cache_dir: str = "${oc.env:LORABENCH_CACHE,${oc.env:HOME,/tmp}/.cache/lorabench}"  # where pretrained tiny backbones are kept
+
+
+@dataclass
+class TaskConfig:
+    name: str = "sort"  # a synthetic family (sort, add, reverse, copy, kv, caesar), corpus (pretraining mixture) or hf
+    families: list[str] = field(default_factory=lambda: ["add", "reverse", "copy", "kv"])  # corpus only: families mixed
+    difficulty_min: int = 4  # smallest difficulty (list length, digits, pairs: per family)
+    difficulty_max: int = 14  # largest difficulty
+    train_size: int = 20000  # training examples generated (seeded); epochs reshuffle them
+    eval_size: int = 300  # held-out examples, disjoint from training
+    loss_on: str = "answer"  # answer: loss on answer tokens only | all: every token (pretraining)
+    generate: bool = True  # score exact match by greedy generation (off for perplexity-only tasks)
+    max_length: int = 128  # tokens per example after tokenization (longer ones are refused)
+    dataset: Optional[str] = None  # hf only: datasets name or local file (json/jsonl/csv/parquet)
+    dataset_config: Optional[str] = None  # hf only: dataset config name
+    train_split: str = "train"  # hf only: split to train on
+    eval_split: str = "test"  # hf only: split to evaluate on
+    prompt_field: str = "prompt"  # hf only: column holding the prompt
+    answer_field: str = "answer"  # hf only: column holding the answer
+
+
+@dataclass
+class OptimConfig:
+    lr: float = "${strategy.lr}"  # type: ignore[assignment]  # peak lr; defaults to the strategy's tuned lr
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    scheduler: str = "cosine"  # constant | cosine | any schedule registered in lorabench.schedules
+    warmup_steps: int = 10  # linear warmup steps
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr
+    restart_every: int = 0  # jagged schedules: steps between restarts (0 = none)
+    restart_warmup_steps: int = 0  # jagged schedules: re-warmup steps after each restart
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200  # optimizer steps
+    batch_size: int = 32  # sequences per micro-batch
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    eval_every: int = 100  # steps between evaluations (0 = only before and after training)
+    eval_batch_size: int = 150  # sequences per evaluation batch
+    checkpoint_every: int = 50  # steps between checkpoints in the run dir (0 = never)
+    log_every: int = 10  # steps between train metric logs
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    progress: bool = True  # show a progress bar
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "wandb"  # wandb | none (local metrics.jsonl and summary.json are always written)
+    mode: str = "offline"  # offline | online | disabled (W&B mode)
+    project: str = "lorabench"  # W&B project
+    entity: Optional[str] = None  # W&B entity (team or user)
+    group: Optional[str] = None  # W&B group; default: the sweep dir name, so a multirun is one group
+    job_type: str = "finetune"  # W&B job type (finetune, pretrain, benchmark)
+    name: Optional[str] = None  # W&B run name; default: strategy-r<rank>-seed<seed>
+    tags: list[str] = field(default_factory=list)  # extra W&B tags (strategy and seed are added)
+
+
+@dataclass
+class LorabenchConfig:
+    model: ModelConfig = MISSING  # backbone
+    strategy: Any = MISSING  # validated against the strategy's own dataclass (see strategies/)
+    task: TaskConfig = MISSING  # data and metrics
+    optim: OptimConfig = MISSING  # optimizer and schedule
+    trainer: TrainerConfig = MISSING  # loop, eval and checkpoint cadence
+    logger: LoggerConfig = MISSING  # W&B and local files
+    seed: int = 0  # one seed drives data, init (adapters included) and dropout
+    run_dir: str = "."  # where this job writes (Hydra's run dir by default)
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore (config.yaml lists `lorabench_schema` first)."""
+    cs = ConfigStore.instance()
+    cs.store(name="lorabench_schema", node=LorabenchConfig)
+    for group, node in [
+        ("model", ModelConfig),
+        ("task", TaskConfig),
+        ("optim", OptimConfig),
+        ("trainer", TrainerConfig),
+        ("logger", LoggerConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+def _positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
+    v = OmegaConf.select(cfg, key)
+    if v is None or v < 0 or (v == 0 and not allow_zero):
+        want = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}: expected a number {want}, got {v}")
+
+
+def _choice(cfg: DictConfig, key: str, choices: list[str]) -> None:
+    v = OmegaConf.select(cfg, key)
+    if v not in choices:
+        raise ConfigError(f"{key}: expected one of {choices}, got '{v}'")
+
+
+def validate(cfg: DictConfig) -> Any:
+    """Check the whole tree before any work; returns the typed strategy config."""
+    from lorabench.data import validate_task
+    from lorabench.strategies import registry
+
+    _choice(cfg, "model.source", ["tiny", "hf"])
+    _choice(cfg, "model.dtype", ["fp32", "bf16"])
+    if cfg.model.source == "hf" and not cfg.model.name_or_path:
+        raise ConfigError("model.name_or_path: required with model.source=hf (a hub id or a local model dir)")
+    for key in ("model.hidden_size", "model.intermediate_size", "model.num_layers", "model.num_heads"):
+        _positive(cfg, key)
+    _positive(cfg, "model.pretrain_steps", allow_zero=True)
+    _positive(cfg, "optim.lr")
+    _positive(cfg, "optim.weight_decay", allow_zero=True)
+    _positive(cfg, "optim.warmup_steps", allow_zero=True)
+    _positive(cfg, "optim.max_grad_norm", allow_zero=True)
+    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio: expected a value in [0, 1], got {cfg.optim.min_lr_ratio}")
+    from lorabench.schedules import available_schedules
+
+    _choice(cfg, "optim.scheduler", available_schedules())
+    for key in ("trainer.max_steps", "trainer.batch_size", "trainer.grad_accum_steps", "trainer.eval_batch_size"):
+        _positive(cfg, key)
+    for key in ("trainer.eval_every", "trainer.checkpoint_every", "trainer.log_every", "trainer.threads"):
+        _positive(cfg, key, allow_zero=True)
+    _choice(cfg, "trainer.device", ["auto", "cpu", "cuda"])
+    _choice(cfg, "logger.backend", ["wandb", "none"])
+    _choice(cfg, "logger.mode", ["offline", "online", "disabled"])
+    _choice(cfg, "task.loss_on", ["answer", "all"])
+    validate_task(cfg.task)
+    return registry.validate_strategy_config(cfg.strategy)

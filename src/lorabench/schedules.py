@@ -1,0 +1,63 @@
+"""Learning-rate schedules as multipliers of the peak lr, registered by name (`optim.scheduler`).
+
+Hand-written (a few lines each) because the jagged restarts have no library version and
+one registry keeps every schedule resumable through `LambdaLR`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+Schedule = Callable[[int], float]
+_SCHEDULES: dict[str, Callable[[Any, int], Schedule]] = {}
+
+
+def register_schedule(name: str) -> Callable:
+    """Decorator: `builder(optim_cfg, total_steps) -> (step -> multiplier)`."""
+
+    def deco(builder: Callable[[Any, int], Schedule]) -> Callable[[Any, int], Schedule]:
+        _SCHEDULES[name] = builder
+        return builder
+
+    return deco
+
+
+def available_schedules() -> list[str]:
+    """Names accepted by `optim.scheduler`."""
+    return sorted(_SCHEDULES)
+
+
+def build_schedule(optim_cfg: Any, total_steps: int) -> Schedule:
+    """The multiplier function for `optim_cfg.scheduler` over `total_steps`."""
+    return _SCHEDULES[optim_cfg.scheduler](optim_cfg, total_steps)
+
+
+def _warmup(step: int, warmup: int) -> float:
+    return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+@register_schedule("constant")
+def constant(optim_cfg: Any, total_steps: int) -> Schedule:
+    """Linear warmup, then the peak lr (QLoRA's recipe)."""
+    return lambda step: _warmup(step, optim_cfg.warmup_steps)
+
+
+def cosine_value(step: int, total_steps: int, warmup: int, min_ratio: float) -> float:
+    """Cosine decay from 1 at the end of warmup to `min_ratio` at the last step."""
+    span = max(1, total_steps - warmup)
+    progress = min(1.0, max(0.0, (step - warmup) / span))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@register_schedule("cosine")
+def cosine(optim_cfg: Any, total_steps: int) -> Schedule:
+    """Linear warmup, then one cosine to `min_lr_ratio`."""
+    w, r = optim_cfg.warmup_steps, optim_cfg.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < w:
+            return _warmup(step, w)
+        return cosine_value(step, total_steps, w, r)
+
+    return f
