@@ -61,3 +61,48 @@ def cosine(optim_cfg: Any, total_steps: int) -> Schedule:
         return cosine_value(step, total_steps, w, r)
 
     return f
+
+
+@register_schedule("jagged_cosine")
+def jagged_cosine(optim_cfg: Any, total_steps: int) -> Schedule:
+    """ReLoRA's schedule: linear warmup, one global cosine to `min_lr_ratio`, and at every
+    multiple of `restart_every` a drop to 0 followed by a linear ramp over
+    `restart_warmup_steps` up to the cosine's value at the end of that ramp.
+
+    The multiplier for step s is what LambdaLR applies to the update made after s steps,
+    so a merge after step k·restart_every is followed by an update at lr 0 (the trough).
+    Bad settings raise ConfigError here, when the trainer builds the schedule before the
+    first step, because only then is `total_steps` known.
+    """
+    from lorabench.errors import ConfigError
+
+    w, r = optim_cfg.warmup_steps, optim_cfg.min_lr_ratio
+    every, ramp = optim_cfg.restart_every, optim_cfg.restart_warmup_steps
+    if every <= 0:
+        raise ConfigError(f"optim.restart_every: jagged_cosine needs a restart period > 0, got {every}")
+    if ramp <= 0 or ramp >= every:
+        raise ConfigError(
+            f"optim.restart_warmup_steps: must be in [1, optim.restart_every={every}) "
+            f"(the drop to 0 and the re-warmup must fit in one cycle), got {ramp}"
+        )
+    if total_steps % every != 0:
+        raise ConfigError(
+            f"optim.restart_every: {every} does not divide the {total_steps} training steps; "
+            "choose a divisor so that every cycle is complete"
+        )
+    if w > every:
+        raise ConfigError(
+            f"optim.warmup_steps: {w} is longer than optim.restart_every={every}; the first restart would cut the warmup"
+        )
+
+    def f(step: int) -> float:
+        if step < w:
+            return _warmup(step, w)
+        k, into = divmod(step, every)
+        if k >= 1 and into < ramp:
+            # ramp from 0 towards where the cosine will be when the ramp ends
+            target = cosine_value(k * every + ramp, total_steps, w, r)
+            return target * into / ramp
+        return cosine_value(step, total_steps, w, r)
+
+    return f

@@ -5,6 +5,9 @@ from lorabench.strategies.registry import available, build_strategy, register, s
 
 # Each import registers one strategy (one file per method).
 from lorabench.strategies import full, lora  # noqa: E402,F401
+from lorabench.strategies import qlora, peft_ref  # noqa: E402,F401
+from lorabench.strategies import qalora  # noqa: E402,F401
+from lorabench.strategies import relora  # noqa: E402,F401
 
 __all__ = [
     "BaseFormat",

@@ -1,0 +1,19 @@
+"""Load the backbone a config names, in the dtype it asks for."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lorabench.backbone.hf import DTYPES, load_hf
+from lorabench.backbone.tiny import load_tiny
+from lorabench.data.tokenizer import Tokenizer
+
+
+def load_backbone(cfg: Any, seed: int, device: torch.device) -> tuple[torch.nn.Module, Tokenizer]:
+    """(model, tokenizer) for `model.source` = tiny | hf, cast to `model.dtype`."""
+    if cfg.source == "hf":
+        return load_hf(cfg, device)
+    model, tok = load_tiny(cfg, seed, device)
+    return model.to(DTYPES[cfg.dtype]), tok

@@ -1,0 +1,78 @@
+"""The `lorabench` console script (and `python -m lorabench`): a Hydra app over conf/.
+
+Bad input ends here as one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict
+
+from lorabench.config import register_configs, validate
+from lorabench.errors import ConfigError
+
+log = logging.getLogger("lorabench")
+
+
+def conf_dir() -> str:
+    """conf/ beside src/ (editable install), or $LORABENCH_CONF."""
+    env = os.environ.get("LORABENCH_CONF")
+    if env:
+        return str(Path(env).resolve())
+    return str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def fill_runtime_keys(cfg: DictConfig) -> None:
+    """run_dir from Hydra's output dir; the W&B group from the sweep dir (one group per sweep)."""
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return
+    with open_dict(cfg):
+        cfg.run_dir = hc.runtime.output_dir
+        if cfg.logger.group is None:
+            if hc.mode == RunMode.MULTIRUN:
+                cfg.logger.group = Path(hc.sweep.dir).name
+            else:
+                cfg.logger.group = "single-runs"
+
+
+def run_job(cfg: DictConfig) -> Optional[float]:
+    """Validate, train, report. Returns eval/accuracy (or -loss) for Hydra sweepers."""
+    from lorabench import train
+
+    fill_runtime_keys(cfg)
+    try:
+        validate(cfg)
+        summary = train.run(cfg)
+    except ConfigError as e:
+        print(f"lorabench: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    log.info(
+        "done: %s accuracy %s -> %s, loss %.4f, run dir %s",
+        summary["strategy"],
+        summary.get("eval/accuracy_base"),
+        summary.get("eval/accuracy"),
+        summary.get("eval/loss", float("nan")),
+        cfg.run_dir,
+    )
+    return summary.get("eval/accuracy", -summary.get("eval/loss", 0.0))
+
+
+def main() -> Any:
+    """Console-script entry point."""
+    register_configs()
+    app = hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")(run_job)
+    return app()
+
+
+if __name__ == "__main__":
+    main()

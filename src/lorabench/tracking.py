@@ -1,0 +1,88 @@
+"""Tracking: W&B (offline by default) plus local `metrics.jsonl` and `summary.json` in the run dir.
+
+The local files are the source of truth for `analysis/` (no W&B server needed); W&B mirrors
+them for dashboards. The W&B run id is kept in the run dir so a resumed job continues the
+same run, and `finish()` is always called so multirun jobs never share a run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from lorabench.utils import atomic_write_text
+
+WANDB_ID_FILE = "wandb_run_id.txt"
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return str(v)
+    if hasattr(v, "item"):
+        return v.item()
+    return v
+
+
+class Tracker:
+    """One job's sinks: metrics.jsonl (appended per logged step), summary.json, and W&B."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, tags: Optional[list[str]] = None, name: str = "") -> None:
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.summary_path = run_dir / "summary.json"
+        self.wandb_run = None
+        lc = cfg.logger
+        if lc.backend == "wandb" and lc.mode != "disabled":
+            import wandb
+
+            id_file = run_dir / WANDB_ID_FILE
+            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            atomic_write_text(id_file, run_id)
+            self.wandb_run = wandb.init(
+                project=lc.project,
+                entity=lc.entity,
+                group=lc.group,
+                job_type=lc.job_type,
+                name=lc.name or name,
+                tags=list(lc.tags) + list(tags or []),
+                config=OmegaConf.to_container(cfg, resolve=True),
+                dir=str(run_dir),
+                id=run_id,
+                resume="allow",
+                mode=lc.mode,
+                reinit="create_new",
+                settings=wandb.Settings(console="off", silent=True),
+            )
+
+    def truncate_after(self, step: int) -> None:
+        """Drop metric lines logged after `step` (work a crash lost and a resume will redo)."""
+        if not self.metrics_path.exists():
+            return
+        lines = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
+        keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+        atomic_write_text(self.metrics_path, "".join(ln + "\n" for ln in keep))
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        """Append one line to metrics.jsonl and mirror it to W&B."""
+        row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in metrics.items()}, step=step)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        """summary.json, atomically; mirrored into the W&B run summary."""
+        clean = {k: _jsonable(v) for k, v in summary.items()}
+        atomic_write_text(self.summary_path, json.dumps(clean, indent=2, sort_keys=True))
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update({k: v for k, v in summary.items() if v is not None})
+
+    def finish(self, failed: bool) -> None:
+        """Always called (also on failure) so the next multirun job gets its own W&B run."""
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=1 if failed else 0)
+            self.wandb_run = None

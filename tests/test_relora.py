@@ -1,0 +1,303 @@
+"""ReLoRA invariants: identity wrap, exact merge-and-restart, high-rank accumulation,
+optimizer reset, merge cadence at the trough of the jagged schedule, and exact resume."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lorabench.adapters.lora import lora_layers
+from lorabench.errors import ConfigError
+from lorabench.schedules import build_schedule
+from lorabench.strategies import build_strategy
+from lorabench.strategies.relora import ReLoRALinear, prune_moments
+
+VOCAB = 32
+
+
+def tiny_model(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def relora(seed: int = 0, **kw):
+    node = {"name": "relora", "rank": 4, "alpha": 8.0, "reset_every": 10}
+    node.update(kw)
+    return build_strategy(node, seed=seed)
+
+
+def batch(step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, VOCAB, (4, 12), generator=g)
+
+
+def loss_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, labels=ids).loss
+
+
+# ---- wrap -------------------------------------------------------------------------------------
+def test_wrap_is_identity_and_trainable_set():
+    model = tiny_model()
+    ids = batch(0)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    s = relora()
+    s.wrap(model)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    names = [n for n, _ in s.trainable_parameters(model)]
+    assert any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" in names and "model.norm.weight" in names
+    assert any("input_layernorm" in n for n in names)
+    assert not any("base_layer" in n for n in names)  # the adapted bases are frozen
+    assert len(lora_layers(model)) == 2 * 7  # attention + MLP linears of 2 blocks
+
+
+def test_A_starts_nonzero_so_B_learns_at_the_first_step():
+    model = tiny_model()
+    s = relora()
+    s.wrap(model)
+    loss_of(model, batch(0)).backward()
+    for _, layer in lora_layers(model):
+        assert layer.lora_A.weight.abs().sum() > 0
+        assert layer.lora_B.weight.grad is not None and layer.lora_B.weight.grad.abs().sum() > 0
+
+
+# ---- merge and restart ------------------------------------------------------------------------
+def toy_layer(seed: int = 0, in_f: int = 48, out_f: int = 40, rank: int = 4) -> ReLoRALinear:
+    torch.manual_seed(seed)
+    layer = ReLoRALinear(nn.Linear(in_f, out_f, bias=True), rank, alpha=8.0, dropout=0.0, quantized=False)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()  # a trained-looking B, so the update is not zero
+    return layer
+
+
+def test_merge_invariance_and_exact_update():
+    layer = toy_layer()
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        y_before = layer(x)
+    w0 = layer.base_layer.weight.detach().clone()
+    a_old = layer.lora_A.weight.detach().clone()
+    expected = (8.0 / 4) * layer.lora_B.weight.detach() @ layer.lora_A.weight.detach()
+    err, _ = layer.merge_and_restart(torch.Generator().manual_seed(1))
+    torch.testing.assert_close(layer.base_layer.weight - w0, expected, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), y_before, rtol=1e-5, atol=1e-5)
+    assert err < 1e-4  # fp32 base: the stored weight is the intended one
+    # after the reinit: B = 0 and A redrawn inside kaiming_uniform(a=√5)'s bound 1/√in
+    assert torch.count_nonzero(layer.lora_B.weight) == 0
+    bound = 1.0 / math.sqrt(48)
+    a = layer.lora_A.weight
+    assert a.abs().max() <= bound and a.abs().max() > 0.5 * bound
+    assert not torch.equal(a, a_old)
+
+
+def test_accumulated_update_rank_exceeds_r():
+    layer = toy_layer()
+    w_start = layer.base_layer.weight.detach().clone()
+    gen = torch.Generator().manual_seed(0)
+    for cycle in range(3):
+        with torch.no_grad():
+            layer.lora_B.weight.normal_()
+        layer.merge_and_restart(gen)
+    direct = torch.linalg.matrix_rank(layer.base_layer.weight.detach().double() - w_start.double(), rtol=1e-5)
+    assert int(direct) == 3 * 4 > layer.rank
+    assert layer.accumulated_update_rank() == 3 * 4
+
+
+def test_rank_grows_when_training_with_merges():
+    """Fit a full-rank linear map with r=2 cycles: each merge adds new directions."""
+    torch.manual_seed(0)
+    target = torch.randn(16, 16)
+    model = nn.Sequential(nn.Linear(16, 16, bias=False))
+    s = relora(rank=2, alpha=2.0, reset_every=20, train_full_rank=[])
+    s.cfg.train_full_rank = []
+    s.wrap(model)
+    opt = torch.optim.AdamW([p for _, p in s.trainable_parameters(model)], lr=1e-2)
+    for step in range(1, 101):
+        x = torch.randn(32, 16)
+        loss = ((model(x) - x @ target.T) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        s.on_step_end(step, model, opt)
+    m = s.final_metrics(model)
+    assert m["relora/merges"] == 5
+    assert m["relora/update_rank_min"] > 2 * s.cfg.rank
+
+
+# ---- optimizer reset --------------------------------------------------------------------------
+def _one_step(model, s, steps: int = 1):
+    opt = torch.optim.AdamW([p for _, p in s.trainable_parameters(model)], lr=1e-3)
+    for i in range(steps):  # two steps: A's gradient is zero while B is still 0
+        loss_of(model, batch(i)).backward()
+        opt.step()
+        opt.zero_grad()
+    return opt
+
+
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+def test_optimizer_reset_only_adapters_in_place(method):
+    model = tiny_model()
+    s = relora(prune_ratio=0.9, optimizer_reset=method)
+    s.wrap(model)
+    opt = _one_step(model, s, steps=2)
+    adapters = s._adapter_params(model)
+    adapter_ids = {id(p) for p in adapters}
+    others = {id(p): {k: v.clone() for k, v in st.items()} for p, st in opt.state.items() if id(p) not in adapter_ids}
+    assert others  # embeddings / norms / lm_head have moments too
+    ptrs = {id(p): (opt.state[p]["exp_avg"].data_ptr(), opt.state[p]["exp_avg_sq"].data_ptr()) for p in adapters}
+    steps = {id(p): opt.state[p]["step"].clone() for p in adapters}
+    v_before = {id(p): opt.state[p]["exp_avg_sq"].clone() for p in adapters}
+    frac = prune_moments(opt, adapters, 0.9, method, torch.Generator().manual_seed(0))
+    assert frac == pytest.approx(0.9, abs=0.01)
+    for p in adapters:
+        st = opt.state[p]
+        assert (st["exp_avg"].data_ptr(), st["exp_avg_sq"].data_ptr()) == ptrs[id(p)]  # in place
+        assert torch.equal(st["step"], steps[id(p)])  # Adam's step counter untouched
+        zero_v = st["exp_avg_sq"] == 0
+        assert bool((st["exp_avg"][zero_v] == 0).all())  # one mask for both moments
+        assert zero_v.float().mean().item() == pytest.approx(0.9, abs=0.05)
+        if method == "magnitude":
+            kept = v_before[id(p)][~zero_v]
+            dropped = v_before[id(p)][zero_v]
+            if kept.numel() and dropped.numel():
+                assert kept.min() >= dropped.max()  # the largest second moments survive
+    for p, st in opt.state.items():
+        if id(p) in others:
+            for k, v in st.items():
+                assert torch.equal(v, others[id(p)][k])  # non-adapter moments untouched
+
+
+# ---- cadence ------------------------------------------------------------------------------------
+def _optim_cfg(every: int, ramp: int = 3):
+    return SimpleNamespace(scheduler="jagged_cosine", warmup_steps=2, min_lr_ratio=0.1, restart_every=every, restart_warmup_steps=ramp)
+
+
+@pytest.mark.parametrize("total,warm", [(40, 0), (40, 10), (35, 0)])
+def test_merge_count_and_trough(total, warm):
+    model = tiny_model()
+    s = relora(reset_every=10, warm_start_steps=warm)
+    s.wrap(model)
+    opt = torch.optim.AdamW([p for _, p in s.trainable_parameters(model)], lr=1e-3)
+    sched = build_schedule(_optim_cfg(10), 40)
+    merge_steps = []
+    for step in range(1, total + 1):
+        if s.rebuild_optimizer_at(step):
+            assert step == warm + 1
+            opt = torch.optim.AdamW([p for _, p in s.trainable_parameters(model)], lr=1e-3)
+        loss_of(model, batch(step)).backward()
+        opt.step()
+        opt.zero_grad()
+        before = s.merges
+        m = s.on_step_end(step, model, opt)
+        assert m["relora/merges"] == s.merges
+        if s.merges > before:
+            merge_steps.append(step)
+    assert len(merge_steps) == (total - warm) // 10
+    assert all(sched(st) == 0.0 for st in merge_steps)  # the next update is at lr 0: the trough
+
+
+def test_merge_in_model_keeps_outputs():
+    model = tiny_model()
+    s = relora(reset_every=1)
+    s.wrap(model)
+    opt = _one_step(model, s)
+    ids = batch(5)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    s.on_step_end(1, model, opt)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    assert all(torch.count_nonzero(l.lora_B.weight) == 0 for _, l in lora_layers(model))
+
+
+def test_bf16_base_trains_and_logs_rounding_error():
+    model = tiny_model()
+    s = relora(base="bf16", reset_every=2)
+    s.wrap(model)
+    assert all(l.base_layer.weight.dtype == torch.bfloat16 for _, l in lora_layers(model))
+    opt = torch.optim.AdamW([p for _, p in s.trainable_parameters(model)], lr=1e-2)
+    for step in (1, 2):
+        loss_of(model, batch(step)).backward()
+        opt.step()
+        opt.zero_grad()
+        m = s.on_step_end(step, model, opt)
+    assert m["relora/merges"] == 1 and 0 < m["relora/merge_error_rel"] < 0.1
+
+
+# ---- resume -------------------------------------------------------------------------------------
+def _run(total: int, warm: int, stop_at: int | None = None, state=None, init_seed: int = 0):
+    """A minimal trainer (jagged lr set by hand); returns the model, or the checkpoint at `stop_at`."""
+    model = tiny_model(init_seed)
+    s = relora(seed=3, reset_every=10, warm_start_steps=warm)
+    s.wrap(model)
+    sched = build_schedule(_optim_cfg(10), total)
+    start = 1
+    opt = torch.optim.AdamW([p for _, p in s.trainable_parameters(model)], lr=1e-2)
+    if state is not None:
+        s.load_state_dict(model, state["strategy"])
+        opt = torch.optim.AdamW([p for _, p in s.trainable_parameters(model)], lr=1e-2)
+        opt.load_state_dict(state["opt"])
+        start = state["step"] + 1
+    for step in range(start, total + 1):
+        if s.rebuild_optimizer_at(step):
+            opt = torch.optim.AdamW([p for _, p in s.trainable_parameters(model)], lr=1e-2)
+        for g in opt.param_groups:
+            g["lr"] = 1e-2 * sched(step - 1)
+        loss_of(model, batch(step)).backward()
+        opt.step()
+        opt.zero_grad()
+        s.on_step_end(step, model, opt)
+        if step == stop_at:
+            return {"strategy": s.state_dict(model), "opt": opt.state_dict(), "step": step}
+    return model, s
+
+
+@pytest.mark.parametrize("warm,stop", [(0, 15), (10, 5), (10, 25)])
+def test_resume_mid_cycle_equals_uninterrupted(warm, stop):
+    ref, s_ref = _run(40, warm)
+    ckpt = _run(40, warm, stop_at=stop)
+    resumed, s_res = _run(40, warm, state=ckpt, init_seed=1)  # different init: the checkpoint must hold all
+    ref_sd, res_sd = ref.state_dict(), resumed.state_dict()
+    assert ref_sd.keys() == res_sd.keys()
+    for k in ref_sd:
+        torch.testing.assert_close(res_sd[k], ref_sd[k], rtol=0, atol=0, msg=k)
+    assert s_res.merges == s_ref.merges
+    assert s_res.final_metrics(resumed) == s_ref.final_metrics(ref)
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kw,key",
+    [
+        ({"prune_ratio": 1.5}, "strategy.prune_ratio"),
+        ({"prune_ratio": -0.1}, "strategy.prune_ratio"),
+        ({"reset_every": 0}, "strategy.reset_every"),
+        ({"optimizer_reset": "topk"}, "strategy.optimizer_reset"),
+        ({"base": "int3"}, "strategy.base"),
+        ({"base": "nf4", "warm_start_steps": 10}, "strategy.warm_start_steps"),
+    ],
+)
+def test_bad_input_one_line(kw, key):
+    with pytest.raises(ConfigError) as e:
+        relora(**kw)
+    assert str(e.value).startswith(key) and "\n" not in str(e.value)
+
+
+def test_unmatched_full_rank_name_is_refused():
+    s = relora(train_full_rank=["wte"])
+    with pytest.raises(ConfigError, match="strategy.train_full_rank"):
+        s.wrap(tiny_model())
