@@ -194,17 +194,20 @@ def test_merge_count_and_trough(total, warm):
     sched = build_schedule(_optim_cfg(10), 40)
     merge_steps = []
     for step in range(1, total + 1):
-        if s.rebuild_optimizer_at(step):
-            assert step == warm + 1
+        if step > 1 and s.rebuild_optimizer_at(step - 1):  # as the trainer: arg = steps done
+            assert step - 1 == warm
             opt = torch.optim.AdamW([p for _, p in s.trainable_parameters(model)], lr=1e-3)
         loss_of(model, batch(step)).backward()
         opt.step()
         opt.zero_grad()
+        for g in opt.param_groups:
+            g["lr"] = 1e-3 * sched(step)  # the trainer steps the schedule before on_step_end
         before = s.merges
         m = s.on_step_end(step, model, opt)
-        assert m["relora/merges"] == s.merges
+        assert (m["relora/merges"] == s.merges) if m else s.merges == before
         if s.merges > before:
             merge_steps.append(step)
+            assert m["relora/lr_after_merge"] == 0.0
     assert len(merge_steps) == (total - warm) // 10
     assert all(sched(st) == 0.0 for st in merge_steps)  # the next update is at lr 0: the trough
 
@@ -253,20 +256,22 @@ def _run(total: int, warm: int, stop_at: int | None = None, state=None, init_see
         opt.load_state_dict(state["opt"])
         start = state["step"] + 1
     for step in range(start, total + 1):
-        if s.rebuild_optimizer_at(step):
+        if step > 1 and s.rebuild_optimizer_at(step - 1):
             opt = torch.optim.AdamW([p for _, p in s.trainable_parameters(model)], lr=1e-2)
         for g in opt.param_groups:
             g["lr"] = 1e-2 * sched(step - 1)
         loss_of(model, batch(step)).backward()
         opt.step()
         opt.zero_grad()
+        for g in opt.param_groups:
+            g["lr"] = 1e-2 * sched(step)
         s.on_step_end(step, model, opt)
         if step == stop_at:
             return {"strategy": s.state_dict(model), "opt": opt.state_dict(), "step": step}
     return model, s
 
 
-@pytest.mark.parametrize("warm,stop", [(0, 15), (10, 5), (10, 25)])
+@pytest.mark.parametrize("warm,stop", [(0, 15), (10, 5), (10, 10), (10, 25)])
 def test_resume_mid_cycle_equals_uninterrupted(warm, stop):
     ref, s_ref = _run(40, warm)
     ckpt = _run(40, warm, stop_at=stop)
@@ -301,3 +306,116 @@ def test_unmatched_full_rank_name_is_refused():
     s = relora(train_full_rank=["wte"])
     with pytest.raises(ConfigError, match="strategy.train_full_rank"):
         s.wrap(tiny_model())
+
+
+# ---- 4-bit base ---------------------------------------------------------------------------------
+def _nf4_model(master: bool, seed: int = 0):
+    from lorabench.backbone import quantize_backbone
+
+    model = tiny_model(seed)
+    s = relora(base="nf4", master_copy=master, reset_every=2, compute_dtype="fp32")
+    quantize_backbone(model, s.base_format())
+    s.wrap(model)
+    model.train()
+    return model, s
+
+
+@pytest.mark.parametrize("master", [False, True])
+def test_nf4_merge_requantizes_and_logs_error(master):
+    model, s = _nf4_model(master)
+    opt = torch.optim.AdamW([p for _, p in s.trainable_parameters(model)], lr=1e-2)
+    ids = batch(9)
+    for step in range(1, 5):
+        loss_of(model, batch(step)).backward()
+        opt.step()
+        opt.zero_grad()
+        if step % 2 == 0:
+            with torch.no_grad():
+                before = model(input_ids=ids).logits
+            m = s.on_step_end(step, model, opt)
+            with torch.no_grad():
+                after = model(input_ids=ids).logits
+            assert (after - before).abs().max() < 0.5  # only the 4-bit rounding of the merged update changes outputs
+    assert m["relora/merges"] == 2
+    assert m["relora/merge_error"] > 0 and m["relora/merge_error_rel"] > 0  # rounding to the NF4 grid is logged
+    layer = lora_layers(model)[0][1]
+    assert type(layer.base_layer).__name__ == "Linear4bit"
+    assert (layer.master is not None) == master
+    # the checkpoint restores the requantized base bit for bit (and the master copy)
+    state = s.state_dict(model)
+    model2, s2 = _nf4_model(master, seed=1)
+    s2.load_state_dict(model2, state)
+    with torch.no_grad():
+        torch.testing.assert_close(model2(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    assert s2.final_metrics(model2) == s.final_metrics(model)
+
+
+# ---- end to end through the trainer ---------------------------------------------------------------
+def _compose(run_dir, overrides):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from lorabench.cli import conf_dir
+    from lorabench.config import register_configs
+
+    register_configs()
+    base = [
+        "strategy=relora", "model.pretrain_steps=0", "model.hidden_size=64", "model.intermediate_size=128",
+        "model.num_layers=2", "task=corpus", "task.train_size=400", "task.eval_size=40", "logger=none",
+        "trainer=debug", "trainer.max_steps=12", "trainer.batch_size=4", "trainer.checkpoint_every=3",
+        "strategy.reset_every=4", "optim.scheduler=jagged_cosine", "optim.restart_every=4",
+        "optim.restart_warmup_steps=2", "optim.warmup_steps=2",
+    ]
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=base + list(overrides))
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+        cfg.model.cache_dir = str(run_dir.parent / "cache")
+    return cfg
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("warm", [0, 4])
+def test_trainer_resume_mid_cycle_equals_uninterrupted(tmp_path, monkeypatch, warm):
+    """A job killed after a merge (checkpoint at step 6, merges at 4 and 8) and resumed ends
+    exactly where an uninterrupted job ends."""
+    import json
+
+    from lorabench import train
+    from lorabench.config import validate
+    from lorabench.strategies.relora import ReLoRA
+
+    over = [f"strategy.warm_start_steps={warm}"]
+    ref = train.run(_compose(tmp_path / "ref", over))
+
+    class Preempted(Exception):
+        pass
+
+    orig = ReLoRA.on_step_end
+
+    def dying(self, step, model, opt):
+        if step == 8:
+            raise Preempted()
+        return orig(self, step, model, opt)
+
+    cfg = _compose(tmp_path / "cut", over)
+    validate(cfg)
+    monkeypatch.setattr(ReLoRA, "on_step_end", dying)
+    with pytest.raises(Preempted):
+        train.run(cfg)
+    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert ckpt["state"]["step"] == 6  # mid-cycle, after the merge at step 4
+    calls = []
+
+    def counting(self, step, model, opt):
+        calls.append(step)
+        return orig(self, step, model, opt)
+
+    monkeypatch.setattr(ReLoRA, "on_step_end", counting)
+    resumed = train.run(_compose(tmp_path / "cut", over))
+    assert calls == list(range(7, 13))  # it resumed from the checkpoint, not from scratch
+    assert resumed["relora/merges"] == ref["relora/merges"] == (12 - warm) // 4
+    for k, v in ref.items():
+        if k.startswith(("eval/", "relora/")):
+            assert resumed[k] == v, k
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["status"] == "completed"

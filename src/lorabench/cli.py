@@ -67,8 +67,29 @@ def run_job(cfg: DictConfig) -> Optional[float]:
     return summary.get("eval/accuracy", -summary.get("eval/loss", 0.0))
 
 
+GROUPS = ("model", "strategy", "task", "optim", "trainer", "logger", "experiment")
+
+
+def check_group_choices(argv: list[str], conf: Path) -> Optional[str]:
+    """One line for `group=choice` overrides naming a choice with no YAML (before Hydra's
+    multi-line error): e.g. strategy=lorra → the list of strategies that exist."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if not sep or key not in GROUPS or value in ("null", ""):
+            continue
+        choices = sorted(p.stem for p in (conf / key).glob("*.yaml"))
+        for v in value.split(","):
+            if v not in choices:
+                return f"{key}: unknown {key} '{v}', expected one of {choices}"
+    return None
+
+
 def main() -> Any:
     """Console-script entry point."""
+    problem = check_group_choices(sys.argv[1:], Path(conf_dir()))
+    if problem:
+        print(f"lorabench: error: {problem}", file=sys.stderr)
+        sys.exit(2)
     register_configs()
     app = hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")(run_job)
     return app()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,7 +41,7 @@ class Tracker:
             import wandb
 
             id_file = run_dir / WANDB_ID_FILE
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
             atomic_write_text(id_file, run_id)
             self.wandb_run = wandb.init(
                 project=lc.project,

@@ -15,6 +15,7 @@ Faithfulness notes (DESIGN.md §3, §6):
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -28,6 +29,7 @@ from lorabench.errors import ConfigError
 from lorabench.strategies.base import BaseFormat, Strategy, StrategyConfig
 from lorabench.strategies.registry import register
 
+log = logging.getLogger(__name__)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -117,7 +119,7 @@ class ReLoRALinear(LoRALinear):
     def base_weight_float(self) -> torch.Tensor:
         """The base weight as the model uses it, in fp32."""
         if self.quantized:
-            return _bnb4bit().dequantize(self.base_layer).float()
+            return _bnb4bit().dequantized_weight(self.base_layer, torch.float32)
         return self.base_layer.weight.detach().float()
 
     def enable_master_copy(self) -> None:
@@ -134,7 +136,7 @@ class ReLoRALinear(LoRALinear):
             if self.master is not None:
                 self.master.copy_(intended.to(self.master.dtype))
                 intended = self.master.float()  # the master is the reference the weight is quantized from
-            _bnb4bit().requantize(self.base_layer, intended)
+            self._requantize(intended)
             err = (self.base_weight_float() - intended).norm().item()
         else:
             w = self.base_layer.weight
@@ -147,6 +149,48 @@ class ReLoRALinear(LoRALinear):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
         nn.init.zeros_(self.lora_B.weight)
         return err, delta.norm().item()
+
+    def _requantize(self, weight: torch.Tensor) -> None:
+        """Replace the 4-bit base by `weight` quantized in the same format (bias kept)."""
+        bnb4 = _bnb4bit()
+        old = self.base_layer
+        dtype = old.weight.quant_state.dtype
+        lin = nn.Linear(self.in_features, self.out_features, bias=old.bias is not None, device="meta", dtype=dtype)
+        lin.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+        if old.bias is not None:
+            lin.bias = old.bias
+        self.base_layer = bnb4.requantize(lin, old)
+
+    def quantized_state(self) -> dict[str, Any]:
+        """The 4-bit base as plain tensors (packed weight, packed quant_state, bias): exact, and
+        loadable with torch.load(weights_only=True)."""
+        bnb4 = _bnb4bit()
+        data, qs = bnb4._unpacked_state(self.base_layer)
+        bias = self.base_layer.bias
+        return {
+            "data": data.detach().clone(),
+            "stats": {k: v.clone() for k, v in qs.as_dict(packed=True).items()},
+            "bias": None if bias is None else bias.detach().clone(),
+        }
+
+    def load_quantized_state(self, state: dict[str, Any]) -> None:
+        """Rebuild the 4-bit base bit for bit from `quantized_state`."""
+        import bitsandbytes as bnb
+
+        old = self.base_layer
+        device = state["data"].device
+        qs = old.weight.quant_state
+        new = bnb.nn.Linear4bit(
+            self.in_features, self.out_features, bias=state["bias"] is not None,
+            compute_dtype=old.compute_dtype, compress_statistics=bool(qs.nested), quant_type=qs.quant_type, device="meta",
+        )
+        new.weight = bnb.nn.Params4bit.from_prequantized(
+            data=state["data"], quantized_stats=state["stats"], requires_grad=False, device=device, module=new
+        )
+        if state["bias"] is not None:
+            new.bias = nn.Parameter(state["bias"].clone(), requires_grad=False)
+        new.support_avx512bf16_for_cpu = False  # DESIGN.md §6: never repack for CPU inference
+        self.base_layer = new
 
     def accumulated_update_rank(self) -> int:
         """Numerical rank (at fp32 precision) of Σ merged (α/r)·B_k@A_k + the current (α/r)·B@A.
@@ -223,6 +267,8 @@ class ReLoRA(Strategy):
         self.merge_delta = 0.0  # Σ over merges and layers of ‖Δ‖_F (to report the error relatively)
         self.adapted: list[str] = []
         self.full_rank: list[str] = []
+        self._switch_pending = False  # warm start over: switch the trainable set at the next rebuild
+        self._warned_lr = False
 
     # ---- backbone -------------------------------------------------------------------------
     def base_format(self) -> Optional[BaseFormat]:
@@ -273,33 +319,58 @@ class ReLoRA(Strategy):
                     p.requires_grad_(True)
 
     # ---- training hooks -------------------------------------------------------------------
+    def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """Warm start: every parameter but the adapters; then adapters + `train_full_rank`.
+
+        The switch happens on the first call after `rebuild_optimizer_at` said so, i.e. when
+        the trainer rebuilds AdamW, so the set and the optimizer always change together.
+        """
+        if self._switch_pending:
+            self._switch_pending = False
+            self.low_rank = True
+            self._apply_phase(model)
+        return super().trainable_parameters(model)
+
     def rebuild_optimizer_at(self, step: int) -> bool:
-        return self.cfg.warm_start_steps > 0 and step == self.cfg.warm_start_steps + 1
+        """True once, before the first low-rank step (`step` = steps done so far)."""
+        if self.cfg.warm_start_steps > 0 and step == self.cfg.warm_start_steps and not self.low_rank:
+            self._switch_pending = True
+            return True
+        return False
 
     def on_step_end(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """Merge-and-restart every `reset_every` steps of the low-rank phase.
+
+        Returns metrics only at a merge (the trainer logs every step that returns some).
+        """
         c = self.cfg
-        if not self.low_rank:
-            if step >= c.warm_start_steps:
-                self.low_rank = True
-                self._apply_phase(model)
-            return {"relora/merges": float(self.merges), "relora/low_rank": 0.0}
-        out: dict[str, float] = {}
-        if step > c.warm_start_steps and step % c.reset_every == 0:
-            self.merges += 1
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.merges)
-            err = delta = 0.0
-            for _, layer in lora_layers(model):
-                e, d = layer.merge_and_restart(gen)
-                err, delta = err + e, delta + d
-            self.merge_error += err
-            self.merge_delta += delta
-            out["relora/pruned_fraction"] = prune_moments(
-                optimizer, self._adapter_params(model), c.prune_ratio, c.optimizer_reset, gen
+        if not self.low_rank or step <= c.warm_start_steps or step % c.reset_every != 0:
+            return {}
+        self.merges += 1
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.merges)
+        err = delta = 0.0
+        for _, layer in lora_layers(model):
+            e, d = layer.merge_and_restart(gen)
+            err, delta = err + e, delta + d
+        self.merge_error += err
+        self.merge_delta += delta
+        if self.cfg.base == "nf4":  # new Linear4bit layers: let memory accounting count the shared code table once
+            _bnb4bit()._mark_shared_nested_code([l.base_layer for _, l in lora_layers(model)])
+        out: dict[str, float] = {"relora/merges": float(self.merges)}
+        out["relora/pruned_fraction"] = prune_moments(
+            optimizer, self._adapter_params(model), c.prune_ratio, c.optimizer_reset, gen
+        )
+        out["relora/merge_error"] = self.merge_error
+        out["relora/merge_error_rel"] = self.merge_error / self.merge_delta if self.merge_delta else 0.0
+        # The lr of the next update (the trainer steps the schedule before this hook): 0 at a trough.
+        lr_next = float(optimizer.param_groups[0]["lr"])
+        out["relora/lr_after_merge"] = lr_next
+        if lr_next > 0 and not self._warned_lr:
+            self._warned_lr = True
+            log.warning(
+                "relora: merge at step %d is not at an lr trough (next lr %.3g); use "
+                "optim.scheduler=jagged_cosine optim.restart_every=%d", step, lr_next, c.reset_every,
             )
-            out["relora/merge_error"] = self.merge_error
-            out["relora/merge_error_rel"] = self.merge_error / self.merge_delta if self.merge_delta else 0.0
-        out["relora/merges"] = float(self.merges)
-        out["relora/low_rank"] = 1.0
         return out
 
     def final_metrics(self, model: nn.Module) -> dict[str, float]:
@@ -335,11 +406,11 @@ class ReLoRA(Strategy):
         base: dict[str, Any] = {}
         for n, layer in layers.items():
             if layer.quantized:
-                base[n] = _bnb4bit().quantized_state(layer.base_layer)
+                base[n] = layer.quantized_state()
             else:
                 base[n] = layer.base_layer.state_dict()
         return {
-            "params": {n: p.detach().clone() for n, p in self.trainable_parameters(model)},
+            "params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
             "adapters": {n: {"A": l.lora_A.weight.detach().clone(), "B": l.lora_B.weight.detach().clone()} for n, l in layers.items()},
             "base": base,
             "master": {n: l.master.clone() for n, l in layers.items() if l.master is not None},
@@ -361,7 +432,7 @@ class ReLoRA(Strategy):
         with torch.no_grad():
             for n, layer in layers.items():
                 if layer.quantized:
-                    _bnb4bit().load_quantized_state(layer.base_layer, state["base"][n])
+                    layer.load_quantized_state(state["base"][n])
                 else:
                     layer.base_layer.load_state_dict(state["base"][n])
                 layer.lora_A.weight.copy_(state["adapters"][n]["A"])

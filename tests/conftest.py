@@ -1,0 +1,63 @@
+"""Shared fixtures: compose the real conf/ tree with a tiny, fast backbone and task."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from lorabench.config import register_configs, validate
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+# A 2-layer, 64-wide Llama with a random init and a small task: a run takes seconds.
+TINY = [
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.pretrain_steps=0",
+    "task.train_size=256",
+    "task.eval_size=16",
+    "task.difficulty_min=3",
+    "task.difficulty_max=5",
+    "trainer.max_steps=6",
+    "trainer.batch_size=8",
+    "trainer.eval_every=0",
+    "trainer.checkpoint_every=0",
+    "trainer.progress=false",
+    "trainer.log_every=1",
+    "trainer.device=cpu",
+    "logger=none",
+]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["LORABENCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["WANDB_SILENT"] = "true"
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def compose_cfg(*overrides: str) -> DictConfig:
+    """The real config tree with `overrides`, as `lorabench <overrides>` would see it."""
+    register_configs()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def run_tiny(run_dir: Path, *overrides: str) -> dict[str, Any]:
+    """Validate and train a tiny job into `run_dir`; returns its summary."""
+    from lorabench import train
+
+    cfg = compose_cfg(*TINY, *overrides)
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+    validate(cfg)
+    return train.run(cfg)

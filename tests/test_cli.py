@@ -1,0 +1,54 @@
+"""The console script: bad input is one line and a non-zero exit; no completed summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "-m", "lorabench", *TINY, f"hydra.run.dir={tmp_path}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [ln for ln in proc.stderr.splitlines() if ln.startswith("lorabench: error:")]
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["strategy=lorra"], "strategy: unknown strategy 'lorra', expected one of"),
+        (["task=sorting"], "task: unknown task 'sorting', expected one of"),
+        (["strategy.rank=0"], "strategy.rank: must be a positive integer, got 0"),
+        (["optim.lr=-1e-3"], "optim.lr: expected a number > 0, got -0.001"),
+        (["model=hf", "model.name_or_path=/nonexistent/model"], "model.name_or_path: model dir /nonexistent/model does not exist"),
+        (["strategy.target_modules=[nope]"], "strategy.target_modules: ['nope'] matched no linear layer"),
+        (["task.name=nosuchfamily"], "task.name: unknown task 'nosuchfamily'"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero_exit(tmp_path: Path, args: list[str], expected: str) -> None:
+    proc = cli(tmp_path, *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = error_lines(proc)
+    assert len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    summary = tmp_path / "summary.json"
+    assert not summary.exists() or json.loads(summary.read_text())["status"] == "failed"
+
+
+def test_python_dash_m_runs_a_tiny_job(tmp_path: Path) -> None:
+    proc = cli(tmp_path, "strategy=lora", "trainer.max_steps=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["train/steps"] == 2

@@ -1,0 +1,186 @@
+"""qlora: the shared bnb 4-bit backbone, training after an eval pass, merges, bad input."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lorabench.adapters.lora import LoRALinear
+from lorabench.backbone import quantize_backbone
+from lorabench.backbone import bnb4bit
+from lorabench.errors import ConfigError
+from lorabench.strategies import build_strategy
+from lorabench.strategies.base import BaseFormat
+
+
+def tiny_llama(seed: int = 0, hidden: int = 64, inter: int = 128, layers: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=48,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def fixed_batch(n: int = 8, length: int = 24) -> torch.Tensor:
+    """A learnable batch (each row repeats its first half), the same every step."""
+    g = torch.Generator().manual_seed(0)
+    half = torch.randint(0, 48, (n, length // 2), generator=g)
+    return torch.cat([half, half], 1)
+
+
+def build(name: str, **keys):
+    node = {"name": name, "lr": 1e-2, "rank": 4, "alpha": 8.0, **keys}
+    strategy = build_strategy(node, seed=0)
+    model = tiny_llama()
+    fmt = strategy.base_format()
+    if fmt is not None:
+        quantize_backbone(model, fmt)
+    torch.manual_seed(1)
+    model = strategy.wrap(model)
+    return strategy, model
+
+
+def train(strategy, model, steps: int, lr: float = 1e-2) -> list[float]:
+    model.train()
+    opt = torch.optim.AdamW([p for _, p in strategy.trainable_parameters(model)], lr=lr)
+    batch = fixed_batch()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+@torch.no_grad()
+def eval_pass(model: nn.Module) -> torch.Tensor:
+    """What the trainer's evaluation does: eval mode, no grad, a forward."""
+    model.eval()
+    out = model(fixed_batch()).logits
+    model.train()
+    return out
+
+
+@torch.no_grad()
+def logits(model: nn.Module) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    out = model(fixed_batch()).logits.float()
+    model.train(was)
+    return out
+
+
+def test_base_format_comes_from_own_keys_and_formula_is_half_byte():
+    s = build_strategy({"name": "qlora", "quant_type": "fp4", "double_quant": False, "blocksize": 128}, seed=0)
+    fmt = s.base_format()
+    assert fmt.method == "bnb4bit" and fmt.target_modules == "all-linear"
+    assert fmt.options == {"quant_type": "fp4", "double_quant": False, "blocksize": 128, "compute_dtype": "bf16"}
+    assert s.formula_bytes(1000, 10) == int(0.5 * 1000 + 16 * 10)
+
+
+def test_quantizer_replaces_only_targeted_linears_without_drawing_rng():
+    model = tiny_llama()
+    ref = tiny_llama()
+    state = torch.get_rng_state()
+    names = quantize_backbone(model, BaseFormat("bnb4bit", "all-linear", {"compute_dtype": "fp32"}))
+    assert torch.equal(state, torch.get_rng_state())  # so adapter init is the same as lora's
+    assert len(names) == 2 * 7
+    for name in names:
+        layer = model.get_submodule(name)
+        assert isinstance(layer, bnb.nn.Linear4bit)
+        assert layer.support_avx512bf16_for_cpu is False  # DESIGN.md §6 fix
+        assert layer.weight.quant_state.quant_type == "nf4" and layer.weight.quant_state.nested
+    assert type(model.lm_head) is nn.Linear and torch.equal(model.lm_head.weight, ref.lm_head.weight)
+    assert torch.equal(model.model.embed_tokens.weight, ref.model.embed_tokens.weight)
+    assert torch.equal(model.model.norm.weight, ref.model.norm.weight)
+    # dequantizing is exact w.r.t. what the layer computes (fp32 compute)
+    layer = model.model.layers[0].mlp.down_proj
+    x = torch.randn(5, layer.in_features)
+    with torch.no_grad():
+        assert torch.allclose(bnb4bit.dequantize_linear4bit(layer)(x), layer(x), atol=1e-6)
+    # ... and close to the original weights (4-bit rounding only)
+    w0 = ref.model.layers[0].mlp.down_proj.weight
+    err = (bnb4bit.dequantized_weight(layer) - w0).abs().max() / w0.abs().max()
+    assert err < 0.15
+
+
+@pytest.mark.parametrize("compute_dtype", ["fp32", "bf16"])
+def test_eval_then_train_loss_falls_and_16bit_merge_is_exact(compute_dtype):
+    """DESIGN.md §6: an eval-mode no-grad forward first, then training must still work."""
+    strategy, model = build("qlora", compute_dtype=compute_dtype)
+    eval_pass(model)
+    for _, layer in bnb4bit.linear4bit_layers(model):
+        assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    losses = train(strategy, model, steps=40)
+    assert losses[-1] < 0.8 * losses[0], losses
+    # the eval pass changed nothing: the same run without it gives the same curve
+    strategy2, model2 = build("qlora", compute_dtype=compute_dtype)
+    assert train(strategy2, model2, steps=40) == pytest.approx(losses, abs=1e-6)
+    # gradients reach the first layer's adapters (the repacked kernel has no autograd)
+    first = model.model.layers[0].self_attn.q_proj
+    assert isinstance(first, LoRALinear) and first.lora_B.weight.abs().sum() > 0
+
+    eval_pass(model)
+    merged = strategy.merge_to_16bit(model)
+    assert not bnb4bit.linear4bit_layers(merged) and not any(isinstance(m, LoRALinear) for m in merged.modules())
+    diff = (logits(merged) - logits(model)).abs().max().item()
+    if compute_dtype == "fp32":
+        assert diff < 1e-4  # exact up to fp32 rounding
+    else:
+        # the adapter model rounds its base matmuls to bf16 (2^-8 relative); the merged
+        # fp32 model does not: equal to that rounding, not better
+        assert diff < 0.05 * logits(model).abs().max().item()
+    # merging copied: the adapter model is intact and still trains
+    assert bnb4bit.linear4bit_layers(model)
+    assert train(strategy, model, steps=2)[-1] < losses[0]
+
+
+def test_merge_choices_16bit_and_nf4(tmp_path):
+    strategy, model = build("qlora", compute_dtype="fp32", merge="16bit")
+    train(strategy, model, steps=20)
+    m16 = strategy.merged_for_eval(model, tmp_path)
+    d16 = (logits(m16) - logits(model)).abs().max().item()
+    strategy.cfg.merge = "nf4"
+    m4 = strategy.merged_for_eval(model, tmp_path)
+    layers = bnb4bit.linear4bit_layers(m4)
+    assert len(layers) == 14 and all(not l.support_avx512bf16_for_cpu for _, l in layers)
+    assert all(l.weight.quant_state.quant_type == "nf4" and l.weight.quant_state.nested for _, l in layers)
+    d4 = (logits(m4) - logits(model)).abs().max().item()
+    assert d16 < 1e-4 < d4  # requantizing rounds (most of) the update away: lossy
+    assert torch.isfinite(logits(m4)).all()
+    strategy.save_artifacts(model, tmp_path)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "keys, match",
+    [
+        ({"quant_type": "int4"}, r"^strategy\.quant_type: expected one of \['nf4', 'fp4'\], got 'int4'$"),
+        ({"blocksize": 48}, r"^strategy\.blocksize: bitsandbytes supports \[32, .*\], got 48$"),
+        ({"compute_dtype": "fp8"}, r"^strategy\.compute_dtype: expected one of \['bf16', 'fp16', 'fp32'\], got 'fp8'$"),
+        ({"merge": "nf5"}, r"^strategy\.merge: expected one of .*'nf4'.*, got 'nf5'$"),
+    ],
+)
+def test_bad_input_is_one_line(keys, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        build_strategy({"name": "qlora", **keys}, seed=0)
+    assert "\n" not in str(e.value)
+
+
+def test_compute_dtype_the_device_cannot_do(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with pytest.raises(ConfigError, match=r"^strategy\.compute_dtype: bf16 is not supported on device 'cuda'") as e:
+        bnb4bit.check_options("nf4", True, 64, "bf16", torch.device("cuda"))
+    assert "\n" not in str(e.value)
+    assert bnb4bit.check_options("nf4", True, 64, "fp32", torch.device("cuda")) == torch.float32
