@@ -16,6 +16,15 @@ from lorabench.strategies import build_strategy
 from lorabench.strategies.base import BaseFormat
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and lose a lot on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_llama(seed: int = 0, hidden: int = 64, inter: int = 128, layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
@@ -184,3 +193,34 @@ def test_compute_dtype_the_device_cannot_do(monkeypatch):
         bnb4bit.check_options("nf4", True, 64, "bf16", torch.device("cuda"))
     assert "\n" not in str(e.value)
     assert bnb4bit.check_options("nf4", True, 64, "fp32", torch.device("cuda")) == torch.float32
+
+
+def test_trainer_end_to_end_memory_and_exact_merge(tmp_path):
+    """Through the real trainer: measured within 1% of expected, merged loss = adapter loss."""
+    from tests.conftest import run_tiny
+
+    s = run_tiny(tmp_path, "strategy=qlora", "strategy.merge=16bit", "trainer.max_steps=8")
+    assert s["status"] == "completed"
+    assert abs(s["memory/measured_bytes"] / s["memory/expected_bytes"] - 1) < 0.01
+    assert s["memory/formula_bytes"] == int(0.5 * s["params/base"] + 16 * s["params/trainable"])
+    assert s["eval/loss"] < s["eval/loss_base"]
+    # bf16 compute in the adapter model, fp32 in the merged one: equal to bf16 rounding
+    assert s["eval/loss_merged"] == pytest.approx(s["eval/loss"], rel=1e-3)
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+
+
+def test_cli_bad_quant_type_is_one_line_and_nonzero_exit(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, TINY
+
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "lorabench", *TINY, f"hydra.run.dir={tmp_path}", "strategy=qlora",
+           "strategy.quant_type=int4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("lorabench: error:")]
+    assert lines == ["lorabench: error: strategy.quant_type: expected one of ['nf4', 'fp4'], got 'int4'"], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
