@@ -52,7 +52,7 @@ def test_wandb_offline_files_are_written_and_readable(tmp_path: Path) -> None:
     summary = run_tiny(tmp_path, "logger=wandb", "logger.group=g1", "seed=3")
     runs = find_offline_runs(tmp_path)
     assert len(runs) == 1
-    rec = read_offline_run(runs[0])
+    rec = read_offline_run(runs[0], wait_for_exit=60)
     assert rec["run"]["id"] == (tmp_path / "wandb_run_id.txt").read_text().strip()
     assert rec["run"]["group"] == "g1" and rec["run"]["job_type"] == "finetune"
     assert {"strategy:lora", "seed:3", "rank:8"} <= set(rec["run"]["tags"])
@@ -68,7 +68,7 @@ def test_failed_run_is_recorded_as_failed_and_wandb_finished(tmp_path: Path) -> 
     with pytest.raises(ConfigError):
         run_tiny(tmp_path, "logger=wandb", "strategy.target_modules=[nope]")
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
-    rec = read_offline_run(find_offline_runs(tmp_path)[0])
+    rec = read_offline_run(find_offline_runs(tmp_path)[0], wait_for_exit=60)
     assert rec["exit_code"] == 1
 
 

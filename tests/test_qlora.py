@@ -224,3 +224,24 @@ def test_cli_bad_quant_type_is_one_line_and_nonzero_exit(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("lorabench: error:")]
     assert lines == ["lorabench: error: strategy.quant_type: expected one of ['nf4', 'fp4'], got 'int4'"], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_dequantize_reads_through_a_cpu_repack():
+    """If a layer was repacked anyway (flag left on by other code), merges must not read garbage."""
+    # (bitsandbytes' own inverse of the repack is used; the repack itself is lossy)
+    from bitsandbytes.nn.modules import has_avx512bf16
+
+    model = tiny_llama()
+    quantize_backbone(model, BaseFormat("bnb4bit", ["down_proj"], {"compute_dtype": "bf16"}))
+    layer = model.model.layers[0].mlp.down_proj
+    before = bnb4bit.dequantized_weight(layer).clone()
+    layer.support_avx512bf16_for_cpu = has_avx512bf16()  # bitsandbytes' own default
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(2, layer.in_features))
+    if not getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack here")
+    # the repack stores absmax in bf16 (and drops double quant), so reading back through it
+    # is exact up to that rounding: close, not garbage (why our layers never repack)
+    after = bnb4bit.dequantized_weight(layer)
+    assert torch.allclose(after, before, rtol=2**-7, atol=0.0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -50,8 +51,21 @@ def iter_payloads(path: Path | str) -> Iterator[bytes]:
             parts = []
 
 
-def read_offline_run(path: Path | str) -> dict[str, Any]:
-    """{run: {id, group, job_type, tags, name}, config, history: [rows], summary} of one run file."""
+def read_offline_run(path: Path | str, wait_for_exit: float = 0.0) -> dict[str, Any]:
+    """{run: {id, group, job_type, tags, name}, config, history: [rows], summary} of one run file.
+
+    W&B's service process writes the file asynchronously, so right after `finish()` it may
+    not be complete yet: `wait_for_exit` seconds re-reads until the exit record is there.
+    """
+    deadline = time.monotonic() + wait_for_exit
+    while True:
+        out = _read_once(path)
+        if out["exit_code"] is not None or time.monotonic() >= deadline:
+            return out
+        time.sleep(0.2)
+
+
+def _read_once(path: Path | str) -> dict[str, Any]:
     from wandb.proto import wandb_internal_pb2 as pb
 
     out: dict[str, Any] = {"run": {}, "config": {}, "history": [], "summary": {}, "exit_code": None}

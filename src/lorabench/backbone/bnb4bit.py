@@ -8,8 +8,8 @@ touched because only the named linears are replaced.
 Two bitsandbytes 0.50 facts shape this file:
 - On a CPU with AVX512-BF16, the first eval-mode no-grad forward of a `Linear4bit` repacks
   its weight into an inference layout for good; later training forwards then take a kernel
-  without autograd (wrong gradients, only a warning) and dequantizing gives garbage
-  (DESIGN.md §6). Every layer built here has `support_avx512bf16_for_cpu = False`.
+  without autograd (wrong gradients, only a warning), and a plain dequantize of the
+  repacked bytes gives garbage (DESIGN.md §6). Every layer built here has `support_avx512bf16_for_cpu = False`.
 - `Params4bit.numel()` is half the logical size and the quantization constants live in
   `quant_state`, outside `named_parameters()`: the accounting registered below counts them.
 
@@ -28,11 +28,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-try:  # bitsandbytes prints a warning about an optional CPU kernel package at import
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bnbF
-except ImportError as e:  # pragma: no cover - bitsandbytes is a hard dependency
-    raise ImportError("bitsandbytes is required for the bnb4bit base format") from e
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
 
 from lorabench.adapters.targets import replace_module
 from lorabench.backbone.quantize import register_quantizer
@@ -129,7 +126,7 @@ def to_linear4bit(
         device="meta",
     )
     layer.weight = bnb.nn.Params4bit(
-        w.contiguous().to("cpu") if device.type == "meta" else w.contiguous(),
+        w.contiguous(),
         requires_grad=False,
         blocksize=blocksize,
         compress_statistics=double_quant,
@@ -196,7 +193,12 @@ def _mark_shared_nested_code(layers: list["bnb.nn.Linear4bit"]) -> None:
 
 
 def _unpacked_state(layer: "bnb.nn.Linear4bit") -> tuple[torch.Tensor, Any]:
-    """The packed weight and quant_state in bnb's standard layout (undoing a CPU repack)."""
+    """The packed weight and quant_state in bnb's standard layout.
+
+    A CPU-repacked layer (never one built here) is read back through bitsandbytes' own
+    inverse; the repack stored absmax in bf16, so that read is exact only to bf16 rounding
+    of the scales, but it is not the garbage a direct dequantize of the repacked bytes gives.
+    """
     w = layer.weight
     qs = w.quant_state
     if getattr(qs, "packing_format_for_cpu", False):
