@@ -52,3 +52,27 @@ def test_python_dash_m_runs_a_tiny_job(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["train/steps"] == 2
+
+
+def test_multirun_gives_one_run_dir_summary_and_wandb_run_per_job(tmp_path: Path) -> None:
+    from lorabench.wandb_offline import find_offline_runs, read_offline_run
+
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    tiny = [a for a in TINY if not a.startswith("logger")]
+    cmd = [sys.executable, "-m", "lorabench", "-m", *tiny, "trainer.max_steps=2",
+           "strategy=full,lora", "seed=0,1", f"hydra.sweep.dir={tmp_path}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in tmp_path.iterdir() if (p / "summary.json").exists())
+    assert [p.name for p in jobs] == ["0_full_s0", "1_full_s1", "2_lora_s0", "3_lora_s1"]
+    ids, groups = set(), set()
+    for job in jobs:
+        s = json.loads((job / "summary.json").read_text())
+        assert s["status"] == "completed"
+        assert (s["strategy"], s["seed"]) == (job.name.split("_")[1], int(job.name[-1]))
+        runs = find_offline_runs(job)
+        assert len(runs) == 1
+        rec = read_offline_run(runs[0], wait_for_exit=60)
+        ids.add(rec["run"]["id"])
+        groups.add(rec["run"]["group"])
+    assert len(ids) == 4 and groups == {tmp_path.name}

@@ -122,7 +122,6 @@ def test_rank_grows_when_training_with_merges():
     target = torch.randn(16, 16)
     model = nn.Sequential(nn.Linear(16, 16, bias=False))
     s = relora(rank=2, alpha=2.0, reset_every=20, train_full_rank=[])
-    s.cfg.train_full_rank = []
     s.wrap(model)
     opt = torch.optim.AdamW([p for _, p in s.trainable_parameters(model)], lr=1e-2)
     for step in range(1, 101):
@@ -339,6 +338,8 @@ def test_nf4_merge_requantizes_and_logs_error(master):
             assert (after - before).abs().max() < 0.5  # only the 4-bit rounding of the merged update changes outputs
     assert m["relora/merges"] == 2
     assert m["relora/merge_error"] > 0 and m["relora/merge_error_rel"] > 0  # rounding to the NF4 grid is logged
+    fm = s.final_metrics(model)
+    assert fm["relora/requant_drift"] > 0 and fm["relora/update_rank_min"] == 2 * s.cfg.rank
     layer = lora_layers(model)[0][1]
     assert type(layer.base_layer).__name__ == "Linear4bit"
     assert (layer.master is not None) == master

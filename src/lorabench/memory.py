@@ -30,6 +30,7 @@ class LayerBytes:
     tensors: list[torch.Tensor] = field(default_factory=list)  # every tensor it really holds
 
 
+ADAM_STEP_BYTES = 4  # torch AdamW keeps a float32 `step` tensor per parameter tensor
 Accounting = Callable[[nn.Module], LayerBytes]
 _ACCOUNTING: dict[type, Accounting] = {}
 
@@ -78,8 +79,8 @@ def account_model(model: nn.Module) -> ModelBytes:
             held.append(p)
             if p.requires_grad:
                 trainable += p.numel()
-                # weight + grad + two AdamW moments, all in the parameter's dtype
-                expected += 4 * p.numel() * p.element_size()
+                # weight + grad + two AdamW moments in the parameter's dtype, + AdamW's fp32 step scalar
+                expected += 4 * p.numel() * p.element_size() + ADAM_STEP_BYTES
             else:
                 base += p.numel()
                 expected += p.numel() * p.element_size()

@@ -104,6 +104,7 @@ class ReLoRALinear(LoRALinear):
         self.register_buffer("master", None, persistent=False)
         # Scaled factors of every merged cycle: W_now − W_cycle0 = Σ_k U_k @ V_k (kept on CPU, tiny).
         self.merged_factors: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.initial_state: Optional[dict[str, Any]] = None  # 4-bit base at wrap time (nf4 only)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = getattr(self.base_layer, "weight", None)
@@ -111,6 +112,8 @@ class ReLoRALinear(LoRALinear):
             result = self.base_layer(x)
         else:
             result = self.base_layer(x.to(w.dtype)).to(x.dtype)
+        if self.merged:  # LoRALinear.merge() (export) already folded B@A into the base
+            return result
         a_in = self.lora_dropout(x.to(self.lora_A.weight.dtype))
         update = self.lora_B(self.lora_A(a_in)) * self.scaling
         return result + update.to(result.dtype)
@@ -131,13 +134,14 @@ class ReLoRALinear(LoRALinear):
         """W += (α/r)·B@A, A re-drawn (kaiming), B = 0. Returns (‖stored − intended‖, ‖Δ‖)."""
         delta = self.delta_weight()
         if self.quantized:
-            src = self.master.float() if self.master is not None else self.base_weight_float()
-            intended = src + delta
-            if self.master is not None:
-                self.master.copy_(intended.to(self.master.dtype))
-                intended = self.master.float()  # the master is the reference the weight is quantized from
-            self._requantize(intended)
-            err = (self.base_weight_float() - intended).norm().item()
+            before = self.base_weight_float()
+            if self.master is not None:  # merge into the 16-bit copy, quantize from it
+                self.master.copy_((self.master.float() + delta).to(self.master.dtype))
+                self._requantize(self.master.float())
+            else:  # dequantize, add, requantize
+                self._requantize(before + delta)
+            # how far this merge's realized change of the 4-bit weight is from Δ
+            err = (self.base_weight_float() - before - delta).norm().item()
         else:
             w = self.base_layer.weight
             intended = w.float() + delta
@@ -175,6 +179,9 @@ class ReLoRALinear(LoRALinear):
 
     def load_quantized_state(self, state: dict[str, Any]) -> None:
         """Rebuild the 4-bit base bit for bit from `quantized_state`."""
+        self.base_layer = self._linear4bit_from_state(state)
+
+    def _linear4bit_from_state(self, state: dict[str, Any]) -> nn.Module:
         import bitsandbytes as bnb
 
         old = self.base_layer
@@ -190,7 +197,23 @@ class ReLoRALinear(LoRALinear):
         if state["bias"] is not None:
             new.bias = nn.Parameter(state["bias"].clone(), requires_grad=False)
         new.support_avx512bf16_for_cpu = False  # DESIGN.md §6: never repack for CPU inference
-        self.base_layer = new
+        return new
+
+    def requant_drift(self) -> tuple[float, float]:
+        """(‖W_now − W_start − Σ merged Δ‖_F, ‖Σ merged Δ‖_F) for a 4-bit base, all dequantized.
+
+        The error that rounding to the 4-bit grid at every merge has accumulated: it grows
+        with the merges when merging by dequantize-add-requantize, and stays one quantization
+        step away when requantizing from a master copy.
+        """
+        if not self.merged_factors:
+            return 0.0, 0.0
+        start = _bnb4bit().dequantized_weight(self._linear4bit_from_state(self.initial_state), torch.float32)
+        now = self.base_weight_float().cpu()
+        u = torch.cat([u for u, _ in self.merged_factors], dim=1)
+        v = torch.cat([v for _, v in self.merged_factors], dim=0)
+        applied = u @ v
+        return (now - start.cpu() - applied).norm().item(), applied.norm().item()
 
     def accumulated_update_rank(self) -> int:
         """Numerical rank (at fp32 precision) of Σ merged (α/r)·B_k@A_k + the current (α/r)·B@A.
@@ -209,6 +232,12 @@ class ReLoRALinear(LoRALinear):
             return 0
         tol = s[0] * max(self.out_features, self.in_features) * torch.finfo(torch.float32).eps
         return int((s > tol).sum())
+
+
+def _to_cpu(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    return x.cpu() if isinstance(x, torch.Tensor) else x
 
 
 def _matches(name: str, entries: list[str]) -> bool:
@@ -289,8 +318,11 @@ class ReLoRA(Strategy):
             if not quantized:
                 base.to(_DTYPES[c.base])
             layer = ReLoRALinear(base, c.rank, c.alpha, c.dropout, quantized)
-            if quantized and c.master_copy:
-                layer.enable_master_copy()
+            if quantized:
+                # the starting 4-bit weight (on CPU, 0.5 B/param) to measure the accumulated requantization drift
+                layer.initial_state = {k: _to_cpu(v) for k, v in layer.quantized_state().items()}
+                if c.master_copy:
+                    layer.enable_master_copy()
             replace_module(model, name, layer)
         adapted = set(self.adapted)
         self.full_rank = [
@@ -387,15 +419,22 @@ class ReLoRA(Strategy):
             out["relora/update_rank_max"] = float(max(vals))
         out["relora/rank"] = float(self.cfg.rank)
         out["relora/merges"] = float(self.merges)
+        if self.cfg.base == "nf4":
+            drift = total = 0.0
+            for _, layer in lora_layers(model):
+                d, t = layer.requant_drift()
+                drift, total = drift + d**2, total + t**2
+            out["relora/requant_drift"] = math.sqrt(drift)  # ‖W_now − W_start − ΣΔ‖ over all adapted layers
+            out["relora/requant_drift_rel"] = math.sqrt(drift / total) if total else 0.0
         out["relora/merge_error"] = self.merge_error
         out["relora/merge_error_rel"] = self.merge_error / self.merge_delta if self.merge_delta else 0.0
         return out
 
     # ---- memory ---------------------------------------------------------------------------
     def formula_bytes(self, n_base: int, n_trainable: int) -> int:
-        """4N (fp32) / 2N (bf16) / 0.5N (nf4, +2N with a master copy) + 16M."""
-        c = self.cfg
-        per_base = {"fp32": 4.0, "bf16": 2.0, "nf4": 0.5}[c.base] + (2.0 if c.master_copy else 0.0)
+        """The seed formula: 4N (fp32) / 2N (bf16) / 0.5N (nf4) + 16M; a master copy's 2N
+        shows up in the expected and measured bytes (it is a buffer), not here."""
+        per_base = {"fp32": 4.0, "bf16": 2.0, "nf4": 0.5}[self.cfg.base]
         return int(per_base * n_base + 16 * n_trainable)
 
     # ---- checkpointing -------------------------------------------------------------------
@@ -414,6 +453,7 @@ class ReLoRA(Strategy):
             "adapters": {n: {"A": l.lora_A.weight.detach().clone(), "B": l.lora_B.weight.detach().clone()} for n, l in layers.items()},
             "base": base,
             "master": {n: l.master.clone() for n, l in layers.items() if l.master is not None},
+            "initial": {n: l.initial_state for n, l in layers.items() if l.quantized},
             "factors": {n: [(u.clone(), v.clone()) for u, v in l.merged_factors] for n, l in layers.items()},
             "merges": self.merges,
             "low_rank": self.low_rank,
@@ -437,6 +477,8 @@ class ReLoRA(Strategy):
                     layer.base_layer.load_state_dict(state["base"][n])
                 layer.lora_A.weight.copy_(state["adapters"][n]["A"])
                 layer.lora_B.weight.copy_(state["adapters"][n]["B"])
+                if n in state.get("initial", {}):
+                    layer.initial_state = state["initial"][n]
                 if n in state["master"]:
                     layer.master = state["master"][n].clone()
                 layer.merged_factors = [(u.clone(), v.clone()) for u, v in state["factors"][n]]
