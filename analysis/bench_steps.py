@@ -49,7 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build(name: str, base: torch.nn.Module, args: argparse.Namespace):
+def build(
+    name: str, base: torch.nn.Module, args: argparse.Namespace
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """Quantize (if the strategy asks) and wrap a copy of `base`; return model and optimizer."""
     node = {"name": name, "rank": args.rank, "alpha": 2.0 * args.rank, "target_modules": "all-linear"}
     if "qlora" in name:
@@ -70,6 +72,7 @@ def build(name: str, base: torch.nn.Module, args: argparse.Namespace):
 
 
 def step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor) -> float:
+    """One training step: forward, backward, AdamW update, free the grads."""
     loss = model(input_ids=batch, labels=batch).loss
     loss.backward()
     opt.step()

@@ -131,7 +131,11 @@ class ReLoRALinear(LoRALinear):
 
     @torch.no_grad()
     def merge_and_restart(self, generator: torch.Generator) -> tuple[float, float]:
-        """W += (α/r)·B@A, A re-drawn (kaiming), B = 0. Returns (‖stored − intended‖, ‖Δ‖)."""
+        """W += Δ = (α/r)·B@A, A re-drawn (kaiming), B = 0.
+
+        Returns (‖realized change of the stored W − Δ‖_F, ‖Δ‖_F): the first is 0 for an fp32
+        base, bf16 rounding for a bf16 one, and 4-bit rounding for nf4.
+        """
         delta = self.delta_weight()
         if self.quantized:
             before = self.base_weight_float()
