@@ -46,7 +46,7 @@ def summarize(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     present = [m for m in metrics if m in done.columns]
     g = done.groupby(cols, dropna=False)
     table = g[present].agg(["mean", "std"])
-    table["seeds"] = g.size()
+    table[("seeds", "")] = g.size()
     return table
 
 
@@ -58,7 +58,7 @@ def to_markdown(table: pd.DataFrame) -> str:
         mean, std = table[(m, "mean")], table[(m, "std")].fillna(0.0)
         scale = 100.0 if "accuracy" in m else 1.0
         out[m] = [f"{a * scale:.1f} ± {s * scale:.1f}" if scale == 100 else f"{a:.4g} ± {s:.2g}" for a, s in zip(mean, std)]
-    out["seeds"] = table["seeds"]
+    out["seeds"] = table[("seeds", "")]
     flat = out.reset_index().astype(str)
     lines = ["| " + " | ".join(flat.columns) + " |", "|" + "---|" * len(flat.columns)]
     lines += ["| " + " | ".join(row) + " |" for row in flat.itertuples(index=False)]
