@@ -229,3 +229,37 @@ def test_training_moves_loss_and_merge_stays_exact(pooling: str) -> None:
         unmerged = model(ids).logits
         merged = merge_qalora_and_unload(model)(ids).logits
     assert torch.allclose(merged, unmerged, atol=1e-4, rtol=1e-4)
+
+
+TABLE1_CELLS = ["qalora_int4", "qalora_int3", "qalora_int2", "qlora_intn4", "qlora_intn3", "qlora_intn2", "qlora_16bit"]
+
+
+@pytest.mark.parametrize("cell", TABLE1_CELLS)
+def test_table1_cells_compose_and_validate(cell: str) -> None:
+    from omegaconf import OmegaConf
+
+    from lorabench.config import validate
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg("experiment=qalora_table1", f"+experiment/qalora_table1={cell}")
+    OmegaConf.resolve(cfg)
+    typed = validate(cfg)
+    bits = int(cell[-1]) if cell[-1].isdigit() else None
+    if cell.startswith("qalora"):
+        assert (typed.name, typed.bits, typed.group_size, typed.merge) == ("qalora", bits, 32, "zeros")
+    elif bits is not None:
+        assert (typed.name, typed.merge, typed.merge_bits, typed.merge_group_size) == ("qlora", "intn", bits, 32)
+    else:
+        assert (typed.name, typed.merge) == ("qlora", "16bit")
+
+
+def test_table1_sweep_lists_every_cell_and_three_seeds() -> None:
+    from omegaconf import OmegaConf
+
+    from tests.conftest import CONF
+
+    exp = OmegaConf.load(CONF / "experiment" / "qalora_table1.yaml")
+    params = exp.hydra.sweeper.params
+    assert params["+experiment/qalora_table1"].split(",") == TABLE1_CELLS
+    assert len(str(params.seed).split(",")) >= 3
+    assert sorted(p.stem for p in (CONF / "experiment" / "qalora_table1").glob("*.yaml")) == sorted(TABLE1_CELLS)
