@@ -150,9 +150,10 @@ def validate(cfg: DictConfig) -> Any:
     _positive(cfg, "optim.max_grad_norm", allow_zero=True)
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio: expected a value in [0, 1], got {cfg.optim.min_lr_ratio}")
-    from lorabench.schedules import available_schedules
+    from lorabench.schedules import available_schedules, build_schedule
 
     _choice(cfg, "optim.scheduler", available_schedules())
+    build_schedule(cfg.optim, cfg.trainer.max_steps)  # schedules refuse bad settings (e.g. a restart period) here
     for key in ("trainer.max_steps", "trainer.batch_size", "trainer.grad_accum_steps", "trainer.eval_batch_size"):
         _positive(cfg, key)
     for key in ("trainer.eval_every", "trainer.checkpoint_every", "trainer.log_every", "trainer.threads"):
