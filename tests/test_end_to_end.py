@@ -19,7 +19,9 @@ SUMMARY_KEYS = {
     "train/wall_seconds",
 }
 # Overrides a strategy needs on the tiny test backbone (kept next to the test, not in the trainer).
-TINY_EXTRA: dict[str, list[str]] = {}
+TINY_EXTRA: dict[str, list[str]] = {
+    "relora": ["strategy.reset_every=3", "strategy.restart_warmup_steps=1", "optim.warmup_steps=0"],
+}
 
 
 @pytest.mark.parametrize("strategy", available())

@@ -30,7 +30,7 @@ def tiny_model(seed: int = 0) -> LlamaForCausalLM:
 
 
 def relora(seed: int = 0, **kw):
-    node = {"name": "relora", "rank": 4, "alpha": 8.0, "reset_every": 10}
+    node = {"name": "relora", "rank": 4, "alpha": 8.0, "reset_every": 10, "restart_warmup_steps": 0}
     node.update(kw)
     return build_strategy(node, seed=seed)
 
@@ -291,6 +291,7 @@ def test_resume_mid_cycle_equals_uninterrupted(warm, stop):
         ({"prune_ratio": 1.5}, "strategy.prune_ratio"),
         ({"prune_ratio": -0.1}, "strategy.prune_ratio"),
         ({"reset_every": 0}, "strategy.reset_every"),
+        ({"reset_every": 5, "restart_warmup_steps": 5}, "strategy.reset_every"),
         ({"optimizer_reset": "topk"}, "strategy.optimizer_reset"),
         ({"base": "int3"}, "strategy.base"),
         ({"base": "nf4", "warm_start_steps": 10}, "strategy.warm_start_steps"),

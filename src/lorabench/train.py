@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +155,10 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, tracker: Tracke
             opt = build_optimizer(cfg, strategy, model)
             sched = build_scheduler(cfg, opt)
             sched.last_epoch = step - 1
-            sched.step()
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+                warnings.simplefilter("ignore", UserWarning)
+                sched.step()
+            state["measured"] = {}  # the trainable set changed: measure the new phase's memory
         t0 = time.perf_counter()
         loss_sum = 0.0
         for micro in range(tc.grad_accum_steps):

@@ -37,6 +37,8 @@ def validate_strategy_config(node: DictConfig | dict[str, Any]) -> Any:
     cls = strategy_class(name)
     schema = OmegaConf.structured(cls.config_class)
     try:
+        if isinstance(node, DictConfig):  # resolve ${...} against the whole tree first
+            node = OmegaConf.to_container(node, resolve=True)
         merged = OmegaConf.merge(schema, node)
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:

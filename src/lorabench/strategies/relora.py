@@ -41,7 +41,9 @@ class ReLoRAConfig(StrategyConfig):
     alpha: float = 16.0  # α: each cycle's update is scaled by α/r
     dropout: float = 0.0  # dropout on the adapter input only
     target_modules: Any = "all-linear"  # linears that get adapters; all-linear = attention + MLP in Llama (lm_head excluded)
-    reset_every: int = 50  # steps between merge-and-restart (set optim.restart_every to the same value)
+    reset_every: int = 50  # steps between merge-and-restart (optim.restart_every defaults to it)
+    scheduler: str = "jagged_cosine"  # the lr schedule ReLoRA asks for (optim.scheduler defaults to it)
+    restart_warmup_steps: int = 10  # lr re-warmup after each restart (optim.restart_warmup_steps defaults to it; 0 = no jagged schedule asked)
     prune_ratio: float = 0.99  # fraction of the adapters' AdamW moment entries zeroed at each reset
     optimizer_reset: str = "magnitude"  # magnitude: prune the smallest exp_avg_sq entries | random: a random mask
     warm_start_steps: int = 0  # full-rank steps before the low-rank cycles (0 = none)
@@ -62,6 +64,11 @@ class ReLoRAConfig(StrategyConfig):
             raise ConfigError(f"strategy.dropout: must be in [0, 1), got {self.dropout}")
         if self.reset_every <= 0:
             raise ConfigError(f"strategy.reset_every: must be a positive number of steps, got {self.reset_every}")
+        if self.reset_every <= self.restart_warmup_steps:
+            raise ConfigError(
+                f"strategy.reset_every: must be greater than strategy.restart_warmup_steps={self.restart_warmup_steps}, "
+                f"got {self.reset_every}"
+            )
         if not 0.0 <= self.prune_ratio <= 1.0:
             raise ConfigError(f"strategy.prune_ratio: must be in [0, 1], got {self.prune_ratio}")
         if self.optimizer_reset not in self.reset_choices:
