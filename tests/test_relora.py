@@ -367,7 +367,7 @@ def _compose(run_dir, overrides):
         "model.num_layers=2", "task=corpus", "task.train_size=400", "task.eval_size=40", "logger=none",
         "trainer=debug", "trainer.max_steps=12", "trainer.batch_size=4", "trainer.checkpoint_every=3",
         "strategy.reset_every=4", "optim.scheduler=jagged_cosine", "optim.restart_every=4",
-        "optim.restart_warmup_steps=2", "optim.warmup_steps=2",
+        "optim.restart_warmup_steps=2", "strategy.restart_warmup_steps=2", "optim.warmup_steps=2",
     ]
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         cfg = compose("config", overrides=base + list(overrides))
