@@ -10,6 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorabench.config import register_configs, validate
 
@@ -42,7 +43,22 @@ TINY = [
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["LORABENCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     os.environ["WANDB_SILENT"] = "true"
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(1)  # tiny models gain nothing from a second thread
+
+
+def tiny_llama(
+    seed: int = 0, hidden: int = 64, inter: int = 128, layers: int = 2, *,
+    vocab: int = 48, heads: int = 4, max_pos: int = 64, tie: bool = False,
+) -> LlamaForCausalLM:
+    """A seeded random Llama small enough for unit tests (built from a config: no hub)."""
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_pos,
+        tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(cfg)
 
 
 def compose_cfg(*overrides: str) -> DictConfig:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
@@ -100,3 +99,8 @@ def test_conf_keys_all_have_a_comment() -> None:
             if ":" in s and "#" not in s:
                 missing.append(f"{path.relative_to(CONF)}: {s}")
     assert not missing, missing
+
+
+def test_merge_bits_are_checked_before_training() -> None:
+    with pytest.raises(ConfigError, match=r"strategy.merge_bits: expected one of \[2, 3, 4, 8\], got 5"):
+        validate(compose_cfg("strategy=qlora", "strategy.merge=intn", "strategy.merge_bits=5"))

@@ -5,23 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from lorabench.backbone import quantize_backbone
 from lorabench.backbone.intn import IntNLinear, pack_codes, rtn_quantize, unpack_codes
 from lorabench.errors import ConfigError
 from lorabench.memory import _accounting_for, _storage_bytes, account_model
 from lorabench.strategies.base import BaseFormat
+from tests.conftest import tiny_llama as make_llama
 
 
 def tiny_llama(seed: int = 0, tie: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return make_llama(seed, vocab=50, heads=2, max_pos=32, tie=tie).eval()
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

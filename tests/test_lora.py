@@ -7,17 +7,15 @@ import math
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from lorabench.adapters.lora import LoRALinear, inject_lora, lora_layers, merge_and_unload
 from lorabench.errors import ConfigError
+from tests.conftest import tiny_llama as make_llama
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
+    return make_llama(seed, vocab=50, heads=2).eval()
 
 
 def randomize_b(model: nn.Module) -> None:

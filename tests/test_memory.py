@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from lorabench import memory
 from lorabench.adapters.lora import inject_lora
+from tests.conftest import tiny_llama as make_llama
 
 
 def model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=2))
+    return make_llama(vocab=64, heads=2)
 
 
 def step(m: torch.nn.Module) -> torch.optim.Optimizer:

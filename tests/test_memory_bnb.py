@@ -11,33 +11,16 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from lorabench.backbone import bnb4bit, quantize_backbone
 from lorabench.memory import account_model, measured_bytes, peak_bytes, reset_peak
 from lorabench.strategies import build_strategy
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.conftest import tiny_llama as make_llama
 
 
 def tiny_llama(device: str = "cpu") -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=48,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).to(device)
+    return make_llama(hidden=128, inter=256).to(device)
 
 
 def qlora_after_one_step(double_quant: bool, device: str = "cpu", compute_dtype: str = "bf16"):

@@ -22,35 +22,13 @@ import pytest
 import safetensors.torch
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorabench.backbone import quantize_backbone
 from lorabench.backbone import bnb4bit
 from lorabench.strategies import build_strategy
+from tests.conftest import tiny_llama
 
 TOL = 1e-6
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=48,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg)
 
 
 def batch_at(step: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from lorabench.adapters.lora import inject_lora
 from lorabench.adapters.qalora import QALoRALinear, inject_qalora, merge_qalora_and_unload, qalora_layers
@@ -21,16 +21,11 @@ from lorabench.param_count import (
 )
 from lorabench.strategies import build_strategy
 from lorabench.strategies.base import BaseFormat
+from tests.conftest import tiny_llama as make_llama
 
 
 def tiny_llama(seed: int = 0, tie: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return make_llama(seed, vocab=50, heads=2, max_pos=32, tie=tie).eval()
 
 
 def quantized_llama(bits: int = 3, g: int = 32, tie: bool = False) -> LlamaForCausalLM:

@@ -6,7 +6,6 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorabench.adapters.lora import LoRALinear
 from lorabench.backbone import quantize_backbone
@@ -14,29 +13,7 @@ from lorabench.backbone import bnb4bit
 from lorabench.errors import ConfigError
 from lorabench.strategies import build_strategy
 from lorabench.strategies.base import BaseFormat
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and lose a lot on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_llama(seed: int = 0, hidden: int = 64, inter: int = 128, layers: int = 2) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=48,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg)
+from tests.conftest import tiny_llama
 
 
 def fixed_batch(n: int = 8, length: int = 24) -> torch.Tensor:

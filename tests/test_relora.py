@@ -9,11 +9,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from lorabench.adapters.lora import lora_layers
 from lorabench.errors import ConfigError
 from lorabench.schedules import build_schedule
+from tests.conftest import tiny_llama as make_llama
 from lorabench.strategies import build_strategy
 from lorabench.strategies.relora import ReLoRALinear, prune_moments
 
@@ -21,12 +22,7 @@ VOCAB = 32
 
 
 def tiny_model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return make_llama(seed, 32, 64, vocab=VOCAB, max_pos=32).eval()
 
 
 def relora(seed: int = 0, **kw):
@@ -422,3 +418,23 @@ def test_trainer_resume_mid_cycle_equals_uninterrupted(tmp_path, monkeypatch, wa
         if k.startswith(("eval/", "relora/")):
             assert resumed[k] == v, k
     assert json.loads((tmp_path / "cut" / "summary.json").read_text())["status"] == "completed"
+
+
+def test_warm_start_runs_at_its_own_lr(tmp_path):
+    """lr_scale: the full-rank warm start uses warm_start_lr_ratio × the schedule, then the schedule."""
+    import json
+
+    from tests.conftest import run_tiny
+
+    s = relora(warm_start_steps=4, warm_start_lr_ratio=0.25)
+    assert [s.lr_scale(k) for k in (0, 3, 4, 9)] == [0.25, 0.25, 1.0, 1.0]
+
+    def lrs(run_dir, ratio):
+        run_tiny(run_dir, "strategy=relora", "strategy.reset_every=2", "strategy.restart_warmup_steps=1",
+                 "strategy.warm_start_steps=2", f"strategy.warm_start_lr_ratio={ratio}", "optim.warmup_steps=0")
+        rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["train/lr"] for r in rows if "train/lr" in r}
+
+    scaled, plain = lrs(tmp_path / "a", 0.5), lrs(tmp_path / "b", 1.0)
+    assert scaled[1] == pytest.approx(0.5 * plain[1]) and scaled[2] == pytest.approx(0.5 * plain[2])
+    assert [scaled[k] for k in (3, 4, 5, 6)] == pytest.approx([plain[k] for k in (3, 4, 5, 6)])

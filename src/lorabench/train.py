@@ -52,8 +52,12 @@ def build_optimizer(cfg: DictConfig, strategy: Strategy, model: torch.nn.Module)
     return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
 
-def build_scheduler(cfg: DictConfig, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(opt, build_schedule(cfg.optim, cfg.trainer.max_steps))
+def build_scheduler(
+    cfg: DictConfig, opt: torch.optim.Optimizer, strategy: Strategy
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The configured schedule times the strategy's per-phase factor."""
+    schedule = build_schedule(cfg.optim, cfg.trainer.max_steps)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s) * strategy.lr_scale(s))
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -117,7 +121,7 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, tracker: Tracke
     log.info("run dir %s | %s", run_dir, static)
 
     opt = build_optimizer(cfg, strategy, model)
-    sched = build_scheduler(cfg, opt)
+    sched = build_scheduler(cfg, opt, strategy)
     state: dict[str, Any] = {
         "step": 0, "tokens": 0, "train_seconds": 0.0, "prior_wall": 0.0, "measured": {}, "base_eval": None,
     }
@@ -127,7 +131,7 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, tracker: Tracke
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         strategy.load_state_dict(model, ckpt["strategy"])
         opt = build_optimizer(cfg, strategy, model)
-        sched = build_scheduler(cfg, opt)
+        sched = build_scheduler(cfg, opt, strategy)
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"].cpu())
@@ -153,7 +157,7 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, tracker: Tracke
         step = state["step"]
         if step > 0 and strategy.rebuild_optimizer_at(step):
             opt = build_optimizer(cfg, strategy, model)
-            sched = build_scheduler(cfg, opt)
+            sched = build_scheduler(cfg, opt, strategy)
             sched.last_epoch = step - 1
             with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
                 warnings.simplefilter("ignore", UserWarning)

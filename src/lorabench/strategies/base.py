@@ -24,6 +24,16 @@ class StrategyConfig:
     lr: float = 1e-3  # learning rate tuned for this strategy on the default task; optim.lr defaults to it
 
 
+def check_rank_and_dropout(rank: int, dropout: float) -> None:
+    """The checks every low-rank adapter config shares (one-line errors naming the key)."""
+    from lorabench.errors import ConfigError
+
+    if rank <= 0:
+        raise ConfigError(f"strategy.rank: must be a positive integer, got {rank}")
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"strategy.dropout: must be in [0, 1), got {dropout}")
+
+
 @dataclass
 class BaseFormat:
     """The weight format a strategy needs its backbone's targeted linears in.
@@ -66,6 +76,10 @@ class Strategy(ABC):
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     # ---- training hooks ---------------------------------------------------------------
+    def lr_scale(self, step: int) -> float:
+        """Factor on the scheduled lr for the update after `step` steps (e.g. a warm-start phase's own lr)."""
+        return 1.0
+
     def rebuild_optimizer_at(self, step: int) -> bool:
         """True when the trainable set changes before `step` (e.g. after a warm start)."""
         return False

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from safetensors.torch import save_file
 from torch import nn
 
 from lorabench.adapters.lora import inject_lora, lora_layers, merge_and_unload
+from lorabench.adapters.peft_format import write_peft_adapter
 from lorabench.errors import ConfigError
-from lorabench.strategies.base import BaseFormat, Strategy, StrategyConfig
+from lorabench.strategies.base import BaseFormat, Strategy, StrategyConfig, check_rank_and_dropout
 from lorabench.strategies.registry import register
-from lorabench.utils import atomic_write_text
 
 
 @dataclass
@@ -34,12 +32,16 @@ class LoRAConfig(StrategyConfig):
     merge_choices = ("none", "16bit", "intn")
 
     def validate(self) -> None:
-        if self.rank <= 0:
-            raise ConfigError(f"strategy.rank: must be a positive integer, got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"strategy.dropout: must be in [0, 1), got {self.dropout}")
+        check_rank_and_dropout(self.rank, self.dropout)
         if self.merge not in self.merge_choices:
             raise ConfigError(f"strategy.merge: expected one of {list(self.merge_choices)}, got '{self.merge}'")
+        if self.merge == "intn":  # refuse before training, not after it at merge time
+            from lorabench.backbone.intn import SUPPORTED_BITS
+
+            if self.merge_bits not in SUPPORTED_BITS:
+                raise ConfigError(f"strategy.merge_bits: expected one of {list(SUPPORTED_BITS)}, got {self.merge_bits}")
+            if self.merge_group_size <= 0:
+                raise ConfigError(f"strategy.merge_group_size: expected a positive group size, got {self.merge_group_size}")
 
 
 @register
@@ -85,27 +87,11 @@ class LoRA(Strategy):
 
 def save_peft_adapter(model: nn.Module, out_dir: Path, cfg: LoRAConfig) -> None:
     """Write `adapter_config.json` + `adapter_model.safetensors` in HF PEFT's layout."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    targets = set()
-    for name, layer in lora_layers(model):
-        prefix = f"base_model.model.{name}"
-        tensors[f"{prefix}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous().cpu()
-        tensors[f"{prefix}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous().cpu()
-        targets.add(name.rsplit(".", 1)[-1])
-    tmp = out_dir / "adapter_model.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(out_dir / "adapter_model.safetensors")
     config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
         "r": cfg.rank,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
         "use_rslora": cfg.rslora,
-        "target_modules": sorted(targets),
-        "bias": "none",
         "fan_in_fan_out": False,
-        "inference_mode": True,
     }
-    atomic_write_text(out_dir / "adapter_config.json", json.dumps(config, indent=2))
+    write_peft_adapter(out_dir, lora_layers(model), config)

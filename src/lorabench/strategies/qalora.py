@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_model, save_file, save_model
+from safetensors.torch import load_model, save_model
 from torch import nn
 
+from lorabench.adapters.peft_format import write_peft_adapter
 from lorabench.adapters.qalora import POOLINGS, inject_qalora, merge_qalora_and_unload, qalora_layers
 from lorabench.adapters.targets import replace_module
 from lorabench.backbone.intn import _CODE_QUANTIZERS, SUPPORTED_BITS, IntNLinear
 from lorabench.errors import ConfigError
-from lorabench.strategies.base import BaseFormat, Strategy, StrategyConfig
+from lorabench.strategies.base import BaseFormat, Strategy, StrategyConfig, check_rank_and_dropout
 from lorabench.strategies.registry import register
 from lorabench.utils import atomic_write_text
 
@@ -56,10 +57,7 @@ class QALoRAConfig(StrategyConfig):
             )
         if self.pooling not in POOLINGS:
             raise ConfigError(f"strategy.pooling: expected one of {list(POOLINGS)}, got '{self.pooling}'")
-        if self.rank <= 0:
-            raise ConfigError(f"strategy.rank: must be a positive integer, got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"strategy.dropout: must be in [0, 1), got {self.dropout}")
+        check_rank_and_dropout(self.rank, self.dropout)
         if self.merge not in self.merge_choices:
             raise ConfigError(f"strategy.merge: expected one of {list(self.merge_choices)}, got '{self.merge}'")
 
@@ -111,35 +109,18 @@ class QALoRA(Strategy):
     def save_artifacts(self, model: nn.Module, out_dir: Path) -> None:
         """The trained pooled adapter (A is r × in/g) and its config; the merged model is
         written by `merged_for_eval`."""
-        out = Path(out_dir) / "adapter"
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        targets = set()
-        for name, layer in qalora_layers(model):
-            prefix = f"base_model.model.{name}"
-            tensors[f"{prefix}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous().cpu()
-            tensors[f"{prefix}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous().cpu()
-            targets.add(name.rsplit(".", 1)[-1])
-        tmp = out / "adapter_model.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(out / "adapter_model.safetensors")
         c = self.cfg
         config = {
-            "peft_type": "LORA",  # PEFT's layout; note PEFT's QA-LoRA pools as mean × (in/g), see `pooling`
-            "task_type": "CAUSAL_LM",
             "r": c.rank,
             "lora_alpha": c.alpha,
             "lora_dropout": c.dropout,
-            "target_modules": sorted(targets),
-            "use_qalora": True,
+            "use_qalora": True,  # PEFT's flag; note PEFT's QA-LoRA pools as mean × (in/g), see `pooling`
             "qalora_group_size": c.group_size,
             "pooling": c.pooling,
             "bits": c.bits,
             "quantizer": c.quantizer,
-            "bias": "none",
-            "inference_mode": True,
         }
-        atomic_write_text(out / "adapter_config.json", json.dumps(config, indent=2))
+        write_peft_adapter(Path(out_dir) / "adapter", qalora_layers(model), config)
 
 
 def merged_model_bytes(model: nn.Module) -> dict[str, float]:

@@ -26,7 +26,7 @@ from torch import nn
 from lorabench.adapters.lora import LoRALinear, lora_layers
 from lorabench.adapters.targets import find_target_linears, replace_module
 from lorabench.errors import ConfigError
-from lorabench.strategies.base import BaseFormat, Strategy, StrategyConfig
+from lorabench.strategies.base import BaseFormat, Strategy, StrategyConfig, check_rank_and_dropout
 from lorabench.strategies.registry import register
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class ReLoRAConfig(StrategyConfig):
     prune_ratio: float = 0.99  # fraction of the adapters' AdamW moment entries zeroed at each reset
     optimizer_reset: str = "magnitude"  # magnitude: prune the smallest exp_avg_sq entries | random: a random mask
     warm_start_steps: int = 0  # full-rank steps before the low-rank cycles (0 = none)
+    warm_start_lr_ratio: float = 1.0  # lr of the warm start as a fraction of the peak (full-rank wants a lower lr than LoRA)
     train_full_rank: list[str] = field(default_factory=lambda: ["embed_tokens", "norm", "lm_head"])  # modules kept trainable full-rank (a name's last part ending with an entry matches)
     base: str = "fp32"  # fp32 | bf16: dtype of the adapted base weights | nf4: bitsandbytes 4-bit base
     master_copy: bool = False  # nf4 only: keep a 16-bit copy of each base weight, merge into it, requantize from it
@@ -58,10 +59,7 @@ class ReLoRAConfig(StrategyConfig):
     reset_choices = ("magnitude", "random")
 
     def validate(self) -> None:
-        if self.rank <= 0:
-            raise ConfigError(f"strategy.rank: must be a positive integer, got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"strategy.dropout: must be in [0, 1), got {self.dropout}")
+        check_rank_and_dropout(self.rank, self.dropout)
         if self.reset_every <= 0:
             raise ConfigError(f"strategy.reset_every: must be a positive number of steps, got {self.reset_every}")
         if self.reset_every <= self.restart_warmup_steps:
@@ -75,6 +73,8 @@ class ReLoRAConfig(StrategyConfig):
             raise ConfigError(
                 f"strategy.optimizer_reset: expected one of {list(self.reset_choices)}, got '{self.optimizer_reset}'"
             )
+        if not 0.0 < self.warm_start_lr_ratio <= 10.0:
+            raise ConfigError(f"strategy.warm_start_lr_ratio: must be in (0, 10], got {self.warm_start_lr_ratio}")
         if self.warm_start_steps < 0:
             raise ConfigError(f"strategy.warm_start_steps: must be >= 0, got {self.warm_start_steps}")
         if self.base not in self.base_choices:
@@ -373,6 +373,10 @@ class ReLoRA(Strategy):
             self.low_rank = True
             self._apply_phase(model)
         return super().trainable_parameters(model)
+
+    def lr_scale(self, step: int) -> float:
+        """The warm start's own lr: `warm_start_lr_ratio` × the scheduled lr while full-rank."""
+        return self.cfg.warm_start_lr_ratio if step < self.cfg.warm_start_steps else 1.0
 
     def rebuild_optimizer_at(self, step: int) -> bool:
         """True once, before the first low-rank step (`step` = steps done so far)."""
