@@ -35,6 +35,9 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
         (["model=hf", "model.name_or_path=/nonexistent/model"], "model.name_or_path: model dir /nonexistent/model does not exist"),
         (["strategy.target_modules=[nope]"], "strategy.target_modules: ['nope'] matched no linear layer"),
         (["task.name=nosuchfamily"], "task.name: unknown task 'nosuchfamily'"),
+        (["trainer.max_stpes=3"], "Could not override 'trainer.max_stpes'. Key 'max_stpes' not in 'TrainerConfig'"),
+        (["trainer.max_steps=abc"], "trainer.max_steps=abc Value 'abc' of type 'str' could not be converted to Integer"),
+        (["-m", "strategy=full,lora", "optim.lrr=1e-3,2e-3"], "optim.lrr: no such config key"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero_exit(tmp_path: Path, args: list[str], expected: str) -> None:

@@ -84,13 +84,42 @@ def check_group_choices(argv: list[str], conf: Path) -> Optional[str]:
     return None
 
 
+def check_overrides(argv: list[str], conf: Path) -> Optional[str]:
+    """Compose the config once before Hydra does, so that a misspelled key or a wrong type
+    is one line (Hydra's own report spans several). Sweeps (`-m`, values with commas) are
+    checked for key existence only; Hydra checks each job's values when it composes it."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    multirun = "-m" in argv or "--multirun" in argv
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    overrides = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    single = [o for o in overrides if not (multirun and "," in o.partition("=")[2])]
+    try:
+        with initialize_config_dir(str(conf), version_base="1.3"):
+            cfg = compose("config", overrides=single)
+    except Exception as e:  # noqa: BLE001 - reduce Hydra's multi-line report to one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        cause = str(e.__cause__).strip().splitlines()[0] if e.__cause__ is not None else ""
+        return f"{first} {cause}".strip()
+    missing = object()
+    for o in overrides:
+        key = o.partition("=")[0]
+        if key.startswith(("+", "~")) or key in GROUPS or "/" in key or "@" in key:
+            continue
+        if OmegaConf.select(cfg, key, default=missing) is missing:
+            return f"{key}: no such config key (to add a new key use +{o})"
+    return None
+
+
 def main() -> Any:
     """Console-script entry point."""
-    problem = check_group_choices(sys.argv[1:], Path(conf_dir()))
+    argv = sys.argv[1:]
+    register_configs()
+    problem = check_group_choices(argv, Path(conf_dir())) or check_overrides(argv, Path(conf_dir()))
     if problem:
         print(f"lorabench: error: {problem}", file=sys.stderr)
         sys.exit(2)
-    register_configs()
     app = hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")(run_job)
     return app()
 
