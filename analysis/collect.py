@@ -59,9 +59,9 @@ def to_markdown(table: pd.DataFrame) -> str:
         scale = 100.0 if "accuracy" in m else 1.0
         out[m] = [f"{a * scale:.1f} ± {s * scale:.1f}" if scale == 100 else f"{a:.4g} ± {s:.2g}" for a, s in zip(mean, std)]
     out["seeds"] = table[("seeds", "")]
-    flat = out.reset_index().astype(str)
+    flat = out.reset_index()
     lines = ["| " + " | ".join(flat.columns) + " |", "|" + "---|" * len(flat.columns)]
-    lines += ["| " + " | ".join(row) + " |" for row in flat.itertuples(index=False)]
+    lines += ["| " + " | ".join("" if pd.isna(x) else str(x) for x in row) + " |" for row in flat.itertuples(index=False)]
     return "\n".join(lines)
 
 

@@ -238,7 +238,8 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, tracker: Tracke
         "task": cfg.task.name,
         "device": str(device),
     }
-    for k in ("rank", "alpha", "bits", "group_size", "quant_type"):
+    for k in ("rank", "alpha", "bits", "group_size", "quant_type", "pooling", "merge", "merge_bits", "base",
+              "reset_every", "warm_start_steps"):
         if k in cfg.strategy:
             summary[f"strategy/{k}"] = cfg.strategy[k]
     return summary
