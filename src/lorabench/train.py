@@ -180,8 +180,15 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, tracker: Tracke
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
-        if not state["measured"]:  # after the first optimizer step: grads and moments exist
-            state["measured"] = {"memory/measured_bytes": memory.measured_bytes(model, opt)}
+        if not state["measured"]:  # after the first optimizer step (of a phase): grads and moments exist
+            now = memory.account_model(model)  # the trainable set may differ from wrap time (warm starts)
+            state["measured"] = {
+                "memory/measured_bytes": memory.measured_bytes(model, opt),
+                "memory/expected_bytes": int(now.expected_bytes),
+                "memory/formula_bytes": strategy.formula_bytes(now.base_params, now.trainable_params),
+                "params/base": now.base_params,
+                "params/trainable": now.trainable_params,
+            }
         opt.zero_grad(set_to_none=True)
         state["train_seconds"] += time.perf_counter() - t0
         state["step"] = step = step + 1
