@@ -53,3 +53,25 @@ def test_resume_equals_uninterrupted(tmp_path: Path, monkeypatch: pytest.MonkeyP
         for k in ("train/loss", "eval/loss"):
             if k in ra:
                 assert ra[k] == rb[k], (ra["step"], k)
+
+
+def test_resume_continues_the_same_wandb_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorabench.wandb_offline import find_offline_runs, read_offline_run
+
+    real_log = Tracker.log
+
+    def crashing_log(self: Tracker, metrics: dict, step: int) -> None:
+        if step == 6 and "train/loss" in metrics:
+            raise Interrupted("killed")
+        real_log(self, metrics, step)
+
+    monkeypatch.setattr(Tracker, "log", crashing_log)
+    with pytest.raises(Interrupted):
+        run_tiny(tmp_path, *RESUMABLE, "logger=wandb")
+    first_id = (tmp_path / "wandb_run_id.txt").read_text()
+    monkeypatch.setattr(Tracker, "log", real_log)
+    run_tiny(tmp_path, *RESUMABLE, "logger=wandb")
+    assert (tmp_path / "wandb_run_id.txt").read_text() == first_id
+    runs = [read_offline_run(p, wait_for_exit=60) for p in find_offline_runs(tmp_path)]
+    assert len(runs) == 2 and {r["run"]["id"] for r in runs} == {first_id}
+    assert [r["exit_code"] for r in runs] == [1, 0]  # the interrupted segment was finished as failed
