@@ -61,6 +61,20 @@ def tiny_llama(
     return LlamaForCausalLM(cfg)
 
 
+def build_on_tiny(name: str, **keys: Any) -> tuple[Any, LlamaForCausalLM]:
+    """(strategy, wrapped model) in the trainer's order: base_format → quantize → seed → wrap."""
+    from lorabench.backbone import quantize_backbone
+    from lorabench.strategies import build_strategy
+
+    strategy = build_strategy({"name": name, "lr": 1e-2, "rank": 4, "alpha": 8.0, **keys}, seed=0)
+    model = tiny_llama()
+    fmt = strategy.base_format()
+    if fmt is not None:
+        quantize_backbone(model, fmt)
+    torch.manual_seed(1)
+    return strategy, strategy.wrap(model)
+
+
 def compose_cfg(*overrides: str) -> DictConfig:
     """The real config tree with `overrides`, as `lorabench <overrides>` would see it."""
     register_configs()

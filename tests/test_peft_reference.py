@@ -23,10 +23,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from lorabench.backbone import quantize_backbone
 from lorabench.backbone import bnb4bit
-from lorabench.strategies import build_strategy
-from tests.conftest import tiny_llama
+from tests.conftest import build_on_tiny
 
 TOL = 1e-6
 
@@ -42,14 +40,7 @@ def run(name: str, steps: int = 25, init_from: nn.Module | None = None, **keys):
 
     `init_from`: copy that model's adapter weights in before training.
     """
-    node = {"name": name, "lr": 1e-2, "rank": 4, "alpha": 8.0, **keys}
-    strategy = build_strategy(node, seed=0)
-    model = tiny_llama()
-    fmt = strategy.base_format()
-    if fmt is not None:
-        quantize_backbone(model, fmt)
-    torch.manual_seed(1)
-    model = strategy.wrap(model)
+    strategy, model = build_on_tiny(name, **keys)
     if init_from is not None:
         src = adapter_weights(init_from)
         with torch.no_grad():

@@ -13,7 +13,7 @@ from lorabench.backbone import bnb4bit
 from lorabench.errors import ConfigError
 from lorabench.strategies import build_strategy
 from lorabench.strategies.base import BaseFormat
-from tests.conftest import tiny_llama
+from tests.conftest import build_on_tiny, tiny_llama
 
 
 def fixed_batch(n: int = 8, length: int = 24) -> torch.Tensor:
@@ -24,15 +24,7 @@ def fixed_batch(n: int = 8, length: int = 24) -> torch.Tensor:
 
 
 def build(name: str, **keys):
-    node = {"name": name, "lr": 1e-2, "rank": 4, "alpha": 8.0, **keys}
-    strategy = build_strategy(node, seed=0)
-    model = tiny_llama()
-    fmt = strategy.base_format()
-    if fmt is not None:
-        quantize_backbone(model, fmt)
-    torch.manual_seed(1)
-    model = strategy.wrap(model)
-    return strategy, model
+    return build_on_tiny(name, **keys)
 
 
 def train(strategy, model, steps: int, lr: float = 1e-2) -> list[float]:
