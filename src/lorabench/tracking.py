@@ -73,7 +73,7 @@ class Tracker:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in metrics.items()}, step=step)
+            self.wandb_run.log(metrics, step=step)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         """summary.json, atomically; mirrored into the W&B run summary."""

@@ -110,15 +110,11 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, tracker: Tracke
     model = strategy.wrap(model)
     model.to(device)
     data = build_task(cfg.task, tok, cfg.seed)
-    acct = memory.account_model(model)
-    static = {
-        "params/base": acct.base_params,
-        "params/base_quantized": acct.base_quantized,
-        "params/trainable": acct.trainable_params,
-        "memory/formula_bytes": strategy.formula_bytes(acct.base_params, acct.trainable_params),
-        "memory/expected_bytes": int(acct.expected_bytes),
-    }
-    log.info("run dir %s | %s", run_dir, static)
+    acct = memory.account_model(model)  # logged now; the summary's figures are taken after the first step
+    log.info(
+        "run dir %s | base %d (quantized %d), trainable %d, expected %d B",
+        run_dir, acct.base_params, acct.base_quantized, acct.trainable_params, int(acct.expected_bytes),
+    )
 
     opt = build_optimizer(cfg, strategy, model)
     sched = build_scheduler(cfg, opt, strategy)
@@ -174,9 +170,8 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, tracker: Tracke
             state["tokens"] += int(batch["attention_mask"].sum())
         grad_norm = None
         if cfg.optim.max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for _, p in strategy.trainable_parameters(model)], cfg.optim.max_grad_norm
-            )
+            params = [p for group in opt.param_groups for p in group["params"]]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
@@ -187,6 +182,7 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, tracker: Tracke
                 "memory/expected_bytes": int(now.expected_bytes),
                 "memory/formula_bytes": strategy.formula_bytes(now.base_params, now.trainable_params),
                 "params/base": now.base_params,
+                "params/base_quantized": now.base_quantized,
                 "params/trainable": now.trainable_params,
             }
         opt.zero_grad(set_to_none=True)
@@ -232,7 +228,6 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, tracker: Tracke
 
     base = state["base_eval"]
     summary = {
-        **static,
         **state["measured"],
         "memory/peak_bytes": memory.peak_bytes(device),
         **{f"eval/{k}_base": v for k, v in base.items()},

@@ -35,6 +35,17 @@ def atomic_torch_save(obj: object, path: Path | str) -> None:
     os.replace(tmp, path)
 
 
+# Config names of float dtypes, shared by the backbone (model.dtype) and the quantizers.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Device of a module's first parameter (cpu for a module with none)."""
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
 def seed_everything(seed: int) -> None:
     """One seed for Python and torch RNGs (data, init, dropout)."""
     random.seed(seed)

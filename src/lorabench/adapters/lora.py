@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lorabench.adapters.targets import find_target_linears, replace_module
+from lorabench.utils import module_device
 
 
 def lora_scaling(rank: int, alpha: float, rslora: bool = False) -> float:
@@ -40,7 +41,7 @@ class LoRALinear(nn.Module):
         self.rank = rank
         self.scaling = lora_scaling(rank, alpha, rslora)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        device = _weight_device(base_layer)
+        device = module_device(base_layer)
         # Created as nn.Linear (consuming the RNG as PEFT does), then re-initialised.
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, dtype=adapter_dtype, device=device)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, dtype=adapter_dtype, device=device)
@@ -84,12 +85,6 @@ class LoRALinear(nn.Module):
         w = self.base_layer.weight
         w.copy_((w.float() - self.delta_weight()).to(w.dtype))
         self.merged = False
-
-
-def _weight_device(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def inject_lora(

@@ -35,11 +35,12 @@ from lorabench.adapters.targets import replace_module
 from lorabench.backbone.quantize import register_quantizer
 from lorabench.errors import ConfigError
 from lorabench.memory import LayerBytes, register_accounting
+from lorabench.utils import DTYPES, module_device
 
 QUANT_TYPES = ("nf4", "fp4")
 # The block sizes bitsandbytes' quantize_4bit accepts (it raises on any other).
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+COMPUTE_DTYPES = DTYPES
 
 
 def check_options(
@@ -92,12 +93,6 @@ def device_supports(device: torch.device, dtype: torch.dtype) -> bool:
                 return False
         return True
     return dtype == torch.float32
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def to_linear4bit(
@@ -157,7 +152,7 @@ def quantize_bnb4bit(
     """
     if bits != 4:
         raise ConfigError(f"strategy.bits: the bnb4bit format stores 4 bits per weight, got {bits}")
-    dtype = check_options(quant_type, double_quant, blocksize, compute_dtype, _model_device(model))
+    dtype = check_options(quant_type, double_quant, blocksize, compute_dtype, module_device(model))
     layers = []
     for name in names:
         old = model.get_submodule(name)

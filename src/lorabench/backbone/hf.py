@@ -9,8 +9,7 @@ import torch
 
 from lorabench.data.tokenizer import HFTokenizer
 from lorabench.errors import ConfigError
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from lorabench.utils import DTYPES
 
 
 def looks_like_path(name: str) -> bool:

@@ -6,9 +6,10 @@ from typing import Any
 
 import torch
 
-from lorabench.backbone.hf import DTYPES, load_hf
+from lorabench.backbone.hf import load_hf
 from lorabench.backbone.tiny import load_tiny
 from lorabench.data.tokenizer import Tokenizer
+from lorabench.utils import DTYPES
 
 
 def load_backbone(cfg: Any, seed: int, device: torch.device) -> tuple[torch.nn.Module, Tokenizer]:

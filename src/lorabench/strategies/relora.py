@@ -28,9 +28,9 @@ from lorabench.adapters.targets import find_target_linears, replace_module
 from lorabench.errors import ConfigError
 from lorabench.strategies.base import BaseFormat, Strategy, StrategyConfig, check_rank_and_dropout
 from lorabench.strategies.registry import register
+from lorabench.utils import DTYPES
 
 log = logging.getLogger(__name__)
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -85,8 +85,8 @@ class ReLoRAConfig(StrategyConfig):
             )
         if self.master_copy and self.base != "nf4":
             raise ConfigError(f"strategy.master_copy: only meaningful with base=nf4, got base={self.base}")
-        if self.compute_dtype not in _DTYPES:
-            raise ConfigError(f"strategy.compute_dtype: expected one of {list(_DTYPES)}, got '{self.compute_dtype}'")
+        if self.compute_dtype not in DTYPES:
+            raise ConfigError(f"strategy.compute_dtype: expected one of {list(DTYPES)}, got '{self.compute_dtype}'")
 
 
 def _bnb4bit():
@@ -327,7 +327,7 @@ class ReLoRA(Strategy):
         for name in self.adapted:
             base = model.get_submodule(name)
             if not quantized:
-                base.to(_DTYPES[c.base])
+                base.to(DTYPES[c.base])
             layer = ReLoRALinear(base, c.rank, c.alpha, c.dropout, quantized)
             if quantized:
                 # the starting 4-bit weight (on CPU, 0.5 B/param) to measure the accumulated requantization drift
