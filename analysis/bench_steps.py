@@ -24,7 +24,7 @@ import warnings
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lorabench.backbone import quantize_backbone
+from lorabench.quant import quantize_backbone
 from lorabench.memory import measured_bytes
 from lorabench.strategies import build_strategy
 

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lorabench.config import register_configs, validate
+from lorabench.checks import register_configs, validate
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -63,7 +63,7 @@ def tiny_llama(
 
 def build_on_tiny(name: str, **keys: Any) -> tuple[Any, LlamaForCausalLM]:
     """(strategy, wrapped model) in the trainer's order: base_format → quantize → seed → wrap."""
-    from lorabench.backbone import quantize_backbone
+    from lorabench.quant import quantize_backbone
     from lorabench.strategies import build_strategy
 
     strategy = build_strategy({"name": name, "lr": 1e-2, "rank": 4, "alpha": 8.0, **keys}, seed=0)
@@ -84,10 +84,10 @@ def compose_cfg(*overrides: str) -> DictConfig:
 
 def run_tiny(run_dir: Path, *overrides: str) -> dict[str, Any]:
     """Validate and train a tiny job into `run_dir`; returns its summary."""
-    from lorabench import train
+    from lorabench.training import job
 
     cfg = compose_cfg(*TINY, *overrides)
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)
     validate(cfg)
-    return train.run(cfg)
+    return job.run(cfg)

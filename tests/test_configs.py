@@ -7,7 +7,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from lorabench.config import validate
+from lorabench.checks import validate
 from lorabench.errors import ConfigError
 from lorabench.strategies import available
 from tests.conftest import CONF, compose_cfg

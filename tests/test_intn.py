@@ -7,10 +7,11 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from lorabench.backbone import quantize_backbone
-from lorabench.backbone.intn import IntNLinear, pack_codes, rtn_quantize, unpack_codes
+from lorabench.quant import quantize_backbone
+from lorabench.quant.code_quantizers import rtn_quantize
+from lorabench.quant.intn import IntNLinear, pack_codes, unpack_codes
 from lorabench.errors import ConfigError
-from lorabench.memory import _accounting_for, _storage_bytes, account_model
+from lorabench.memory import accounting_for, account_model, storage_bytes
 from lorabench.strategies.base import BaseFormat
 from tests.conftest import tiny_llama as make_llama
 
@@ -107,11 +108,11 @@ def test_memory_accounting_exact(bits: int) -> None:
     # per layer: bits/8 per weight + fp32 scale and zero per (group, output)
     layers = [m for m in model.modules() if isinstance(m, IntNLinear)]
     intn_expected = sum(m.in_features * m.out_features * (bits / 8 + 8 / 32) for m in layers)
-    intn_held = _storage_bytes(t for m in layers for t in (m.qweight, m.scales, m.zeros))
+    intn_held = storage_bytes(t for m in layers for t in (m.qweight, m.scales, m.zeros))
     assert intn_held == intn_expected
     for m in layers:  # the registered accounting: expected bytes == bytes really held, per layer
-        lb = _accounting_for(m)(m)
-        assert lb.expected_bytes == _storage_bytes(lb.tensors) and lb.logical_params == m.in_features * m.out_features
+        lb = accounting_for(m)(m)
+        assert lb.expected_bytes == storage_bytes(lb.tensors) and lb.logical_params == m.in_features * m.out_features
     others = list(model.parameters()) + list(model.buffers(recurse=True))
     others = [t for t in others if t.dtype != torch.uint8 and not any(t is b for m in layers for b in m.buffers())]
-    assert _storage_bytes(acc.held_tensors) == intn_held + _storage_bytes(others)  # tied embedding once
+    assert storage_bytes(acc.held_tensors) == intn_held + storage_bytes(others)  # tied embedding once

@@ -59,4 +59,4 @@ def test_bf16_base_counts_two_bytes_per_frozen_parameter() -> None:
 
 def test_shared_storage_counts_once() -> None:
     t = torch.zeros(100)
-    assert memory._storage_bytes([t, t[:10], t.view(10, 10)]) == 400
+    assert memory.storage_bytes([t, t[:10], t.view(10, 10)]) == 400

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from lorabench.backbone import bnb4bit, quantize_backbone
+from lorabench.quant import bnb4bit, quantize_backbone
 from lorabench.memory import account_model, measured_bytes, peak_bytes, reset_peak
 from lorabench.strategies import build_strategy
 from tests.conftest import tiny_llama as make_llama

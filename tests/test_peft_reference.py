@@ -23,7 +23,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from lorabench.backbone import bnb4bit
+from lorabench.quant import bnb4bit
 from tests.conftest import build_on_tiny
 
 TOL = 1e-6

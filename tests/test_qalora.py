@@ -9,8 +9,8 @@ from transformers import LlamaForCausalLM
 
 from lorabench.adapters.lora import inject_lora
 from lorabench.adapters.qalora import QALoRALinear, inject_qalora, merge_qalora_and_unload, qalora_layers
-from lorabench.backbone import quantize_backbone
-from lorabench.backbone.intn import IntNLinear
+from lorabench.quant import quantize_backbone
+from lorabench.quant.intn import IntNLinear
 from lorabench.errors import ConfigError
 from lorabench.param_count import (
     LLAMA_7B_SHAPES,
@@ -233,7 +233,7 @@ TABLE1_CELLS = ["qalora_int4", "qalora_int3", "qalora_int2", "qlora_intn4", "qlo
 def test_table1_cells_compose_and_validate(cell: str) -> None:
     from omegaconf import OmegaConf
 
-    from lorabench.config import validate
+    from lorabench.checks import validate
     from tests.conftest import compose_cfg
 
     cfg = compose_cfg("experiment=qalora_table1", f"+experiment/qalora_table1={cell}")

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from lorabench.adapters.lora import LoRALinear
-from lorabench.backbone import quantize_backbone
-from lorabench.backbone import bnb4bit
+from lorabench.quant import quantize_backbone
+from lorabench.quant import bnb4bit
 from lorabench.errors import ConfigError
 from lorabench.strategies import build_strategy
 from lorabench.strategies.base import BaseFormat

@@ -13,7 +13,7 @@ from transformers import LlamaForCausalLM
 
 from lorabench.adapters.lora import lora_layers
 from lorabench.errors import ConfigError
-from lorabench.schedules import build_schedule
+from lorabench.training.schedules import build_schedule
 from tests.conftest import tiny_llama as make_llama
 from lorabench.strategies import build_strategy
 from lorabench.strategies.relora import ReLoRALinear, prune_moments
@@ -307,7 +307,7 @@ def test_unmatched_full_rank_name_is_refused():
 
 # ---- 4-bit base ---------------------------------------------------------------------------------
 def _nf4_model(master: bool, seed: int = 0):
-    from lorabench.backbone import quantize_backbone
+    from lorabench.quant import quantize_backbone
 
     model = tiny_model(seed)
     s = relora(base="nf4", master_copy=master, reset_every=2, compute_dtype="fp32")
@@ -355,7 +355,7 @@ def _compose(run_dir, overrides):
     from omegaconf import open_dict
 
     from lorabench.cli import conf_dir
-    from lorabench.config import register_configs
+    from lorabench.checks import register_configs
 
     register_configs()
     base = [
@@ -380,12 +380,12 @@ def test_trainer_resume_mid_cycle_equals_uninterrupted(tmp_path, monkeypatch, wa
     exactly where an uninterrupted job ends."""
     import json
 
-    from lorabench import train
-    from lorabench.config import validate
+    from lorabench.training import job
+    from lorabench.checks import validate
     from lorabench.strategies.relora import ReLoRA
 
     over = [f"strategy.warm_start_steps={warm}"]
-    ref = train.run(_compose(tmp_path / "ref", over))
+    ref = job.run(_compose(tmp_path / "ref", over))
 
     class Preempted(Exception):
         pass
@@ -401,7 +401,7 @@ def test_trainer_resume_mid_cycle_equals_uninterrupted(tmp_path, monkeypatch, wa
     validate(cfg)
     monkeypatch.setattr(ReLoRA, "on_step_end", dying)
     with pytest.raises(Preempted):
-        train.run(cfg)
+        job.run(cfg)
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert ckpt["state"]["step"] == 6  # mid-cycle, after the merge at step 4
     calls = []
@@ -411,7 +411,7 @@ def test_trainer_resume_mid_cycle_equals_uninterrupted(tmp_path, monkeypatch, wa
         return orig(self, step, model, opt)
 
     monkeypatch.setattr(ReLoRA, "on_step_end", counting)
-    resumed = train.run(_compose(tmp_path / "cut", over))
+    resumed = job.run(_compose(tmp_path / "cut", over))
     assert calls == list(range(7, 13))  # it resumed from the checkpoint, not from scratch
     assert resumed["relora/merges"] == ref["relora/merges"] == (12 - warm) // 4
     for k, v in ref.items():

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 
 from lorabench.errors import ConfigError
-from lorabench.schedules import available_schedules, build_schedule
+from lorabench.training.schedules import available_schedules, build_schedule
 
 
 def _optim(**kw):

@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from lorabench.config import register_configs, validate
+from lorabench.checks import register_configs, validate
 from lorabench.errors import ConfigError
 
 log = logging.getLogger("lorabench")
@@ -47,12 +47,12 @@ def fill_runtime_keys(cfg: DictConfig) -> None:
 
 def run_job(cfg: DictConfig) -> Optional[float]:
     """Validate, train, report. Returns eval/accuracy (or -loss) for Hydra sweepers."""
-    from lorabench import train
+    from lorabench.training import job
 
     fill_runtime_keys(cfg)
     try:
         validate(cfg)
-        summary = train.run(cfg)
+        summary = job.run(cfg)
     except ConfigError as e:
         print(f"lorabench: error: {e}", file=sys.stderr)
         sys.exit(2)

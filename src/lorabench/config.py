@@ -1,8 +1,7 @@
-"""Structured-config schemas, registered in Hydra's ConfigStore, for validation before any work.
+"""Structured-config schemas of every group but `strategy`, for Hydra's ConfigStore.
 
-Every group but `strategy` has a schema here. A strategy's schema is the dataclass in its
-own file (so adding a strategy touches nothing else); `validate` checks that node against
-the registry before the run starts.
+A strategy's schema is the dataclass in its own file (so adding a strategy touches nothing
+else); `lorabench.checks` registers them all and validates a composed config before any work.
 """
 
 from __future__ import annotations
@@ -10,10 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
-
-from lorabench.errors import ConfigError
+from omegaconf import MISSING
 
 
 @dataclass
@@ -105,62 +101,11 @@ class LorabenchConfig:
     run_dir: str = "."  # where this job writes (Hydra's run dir by default)
 
 
-def register_configs() -> None:
-    """Put the schemas in Hydra's ConfigStore (config.yaml lists `lorabench_schema` first)."""
-    cs = ConfigStore.instance()
-    cs.store(name="lorabench_schema", node=LorabenchConfig)
-    for group, node in [
-        ("model", ModelConfig),
-        ("task", TaskConfig),
-        ("optim", OptimConfig),
-        ("trainer", TrainerConfig),
-        ("logger", LoggerConfig),
-    ]:
-        cs.store(group=group, name=f"{group}_schema", node=node)
-
-
-def _positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
-    v = OmegaConf.select(cfg, key)
-    if v is None or v < 0 or (v == 0 and not allow_zero):
-        want = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{key}: expected a number {want}, got {v}")
-
-
-def _choice(cfg: DictConfig, key: str, choices: list[str]) -> None:
-    v = OmegaConf.select(cfg, key)
-    if v not in choices:
-        raise ConfigError(f"{key}: expected one of {choices}, got '{v}'")
-
-
-def validate(cfg: DictConfig) -> Any:
-    """Check the whole tree before any work; returns the typed strategy config."""
-    from lorabench.data import validate_task
-    from lorabench.strategies import registry
-
-    _choice(cfg, "model.source", ["tiny", "hf"])
-    _choice(cfg, "model.dtype", ["fp32", "bf16"])
-    if cfg.model.source == "hf" and not cfg.model.name_or_path:
-        raise ConfigError("model.name_or_path: required with model.source=hf (a hub id or a local model dir)")
-    for key in ("model.hidden_size", "model.intermediate_size", "model.num_layers", "model.num_heads"):
-        _positive(cfg, key)
-    _positive(cfg, "model.pretrain_steps", allow_zero=True)
-    _positive(cfg, "optim.lr")
-    _positive(cfg, "optim.weight_decay", allow_zero=True)
-    _positive(cfg, "optim.warmup_steps", allow_zero=True)
-    _positive(cfg, "optim.max_grad_norm", allow_zero=True)
-    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
-        raise ConfigError(f"optim.min_lr_ratio: expected a value in [0, 1], got {cfg.optim.min_lr_ratio}")
-    from lorabench.schedules import available_schedules, build_schedule
-
-    _choice(cfg, "optim.scheduler", available_schedules())
-    build_schedule(cfg.optim, cfg.trainer.max_steps)  # schedules refuse bad settings (e.g. a restart period) here
-    for key in ("trainer.max_steps", "trainer.batch_size", "trainer.grad_accum_steps", "trainer.eval_batch_size"):
-        _positive(cfg, key)
-    for key in ("trainer.eval_every", "trainer.checkpoint_every", "trainer.log_every", "trainer.threads"):
-        _positive(cfg, key, allow_zero=True)
-    _choice(cfg, "trainer.device", ["auto", "cpu", "cuda"])
-    _choice(cfg, "logger.backend", ["wandb", "none"])
-    _choice(cfg, "logger.mode", ["offline", "online", "disabled"])
-    _choice(cfg, "task.loss_on", ["answer", "all"])
-    validate_task(cfg.task)
-    return registry.validate_strategy_config(cfg.strategy)
+# group name -> schema, stored as `<group>/<group>_schema` (each group's YAMLs extend it)
+GROUP_SCHEMAS: dict[str, type] = {
+    "model": ModelConfig,
+    "task": TaskConfig,
+    "optim": OptimConfig,
+    "trainer": TrainerConfig,
+    "logger": LoggerConfig,
+}

@@ -19,6 +19,8 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from lorabench.registry import Registry
+
 
 @dataclass
 class LayerBytes:
@@ -32,24 +34,17 @@ class LayerBytes:
 
 ADAM_STEP_BYTES = 4  # torch AdamW keeps a float32 `step` tensor per parameter tensor
 Accounting = Callable[[nn.Module], LayerBytes]
-_ACCOUNTING: dict[type, Accounting] = {}
+ACCOUNTING: Registry[Accounting] = Registry("memory accounting", "memory")
 
 
 def register_accounting(cls: type) -> Callable[[Accounting], Accounting]:
     """Decorator: how to count a quantized module type's own parameters and constants."""
-
-    def deco(fn: Accounting) -> Accounting:
-        _ACCOUNTING[cls] = fn
-        return fn
-
-    return deco
+    return ACCOUNTING.register(cls)
 
 
-def _accounting_for(module: nn.Module) -> Optional[Accounting]:
-    for cls in type(module).__mro__:
-        if cls in _ACCOUNTING:
-            return _ACCOUNTING[cls]
-    return None
+def accounting_for(module: nn.Module) -> Optional[Accounting]:
+    """The registered accounting of `module`'s type (or a base class), None for plain modules."""
+    return ACCOUNTING.for_type(type(module))
 
 
 @dataclass
@@ -67,7 +62,7 @@ def account_model(model: nn.Module) -> ModelBytes:
     expected = 0.0
     held: list[torch.Tensor] = []
     for module in model.modules():
-        fn = _accounting_for(module)
+        fn = accounting_for(module)
         if fn is not None:
             lb = fn(module)
             base += lb.logical_params
@@ -90,7 +85,7 @@ def account_model(model: nn.Module) -> ModelBytes:
     return ModelBytes(base, quant, trainable, expected, held)
 
 
-def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Sum of distinct storages' sizes, so views and shared (tied) tensors count once."""
     seen: set[tuple[str, int]] = set()
     total = 0
@@ -114,7 +109,7 @@ def measured_bytes(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] 
     if optimizer is not None:
         for state in optimizer.state.values():
             tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
-    return _storage_bytes(tensors)
+    return storage_bytes(tensors)
 
 
 def reset_peak(device: torch.device) -> None:

@@ -11,7 +11,7 @@ from typing import Iterable, Optional
 
 from torch import nn
 
-from lorabench.adapters.targets import find_target_linears
+from lorabench.surgery import find_target_linears
 from lorabench.errors import ConfigError
 
 Shape = tuple[int, int]  # (in_features, out_features)

@@ -40,9 +40,11 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def module_device(module: torch.nn.Module) -> torch.device:
-    """Device of a module's first parameter (cpu for a module with none)."""
-    for p in module.parameters():
-        return p.device
+    """Device of a module's first parameter, else its first buffer (cpu for a module with neither)."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
     return torch.device("cpu")
 
 

@@ -1,7 +1,26 @@
-"""Backbones: the self-pretrained tiny Llama, any HF causal LM, and their quantized formats."""
+"""Backbones, loading only: the embedded tiny Llama or any Hugging Face causal LM.
 
-from lorabench.backbone.quantize import quantize_backbone, register_quantizer
-from lorabench.backbone import bnb4bit  # noqa: E402,F401  (registers the shared 4-bit format)
-from lorabench.backbone import intn  # noqa: E402,F401  (registers the "intn" quantizer)
+Quantization is a separate step (`lorabench.quant`), applied in the format a strategy asks for.
+"""
 
-__all__ = ["quantize_backbone", "register_quantizer"]
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lorabench.backbone.hf import load_hf
+from lorabench.backbone.tiny import load_tiny
+from lorabench.data.tokenizer import Tokenizer
+from lorabench.utils import DTYPES
+
+
+def load_backbone(cfg: Any, seed: int, device: torch.device) -> tuple[torch.nn.Module, Tokenizer]:
+    """(model, tokenizer) for `model.source` = tiny | hf, cast to `model.dtype`."""
+    if cfg.source == "hf":
+        return load_hf(cfg, device)
+    model, tok = load_tiny(cfg, seed, device)
+    return model.to(DTYPES[cfg.dtype]), tok
+
+
+__all__ = ["load_backbone"]

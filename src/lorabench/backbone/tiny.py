@@ -1,9 +1,9 @@
-"""The embedded default backbone: a tiny Llama the harness pretrains itself, then caches.
+"""The embedded default backbone: a tiny Llama pretrained by this harness on its synthetic corpus.
 
 No hub, no network: the architecture comes from a `LlamaConfig`, the tokenizer is the
-synthetic character vocabulary, and the weights come from a short full-rank pretraining
-run on the synthetic corpus. The cache key hashes everything that determines the weights,
-so a changed setting never reuses a stale backbone.
+synthetic character vocabulary, and the weights come from a short full-rank pretraining run
+(`lorabench.training.pretrain`, through the same trainer as every fine-tuning job), kept in
+a cache dir whose key hashes everything that determines the weights.
 """
 
 from __future__ import annotations
@@ -11,20 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
-import random
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
-from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lorabench.data.synthetic import CORPUS_DIFFICULTY, sample_corpus_example
-from lorabench.data.tasks import TaskData
+from lorabench.data.synthetic import CORPUS_DIFFICULTY
 from lorabench.data.tokenizer import VOCAB_VERSION, CharTokenizer
 from lorabench.errors import ConfigError
 
@@ -71,67 +64,25 @@ def cache_key(cfg: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def pretrained_dir(cfg: Any) -> Path:
+    """Where the pretrained weights of `cfg` live (written by `lorabench.training.pretrain`)."""
+    return Path(cfg.cache_dir).expanduser() / f"tiny-{cache_key(cfg)}"
+
+
+def is_pretrained(path: Path) -> bool:
+    """A complete pretrained dir (its `meta.json` is written last)."""
+    return (path / "meta.json").exists()
+
+
 def load_tiny(cfg: Any, seed: int, device: torch.device) -> tuple[LlamaForCausalLM, CharTokenizer]:
-    """The tiny backbone: random (pretrain_steps=0, seeded by the run's seed) or pretrained and cached."""
+    """The tiny backbone: random (pretrain_steps=0, seeded by the run's seed) or pretrained."""
     tok = CharTokenizer()
     config = tiny_llama_config(cfg, tok.vocab_size)
     if cfg.pretrain_steps == 0:
         torch.manual_seed(seed)
         return LlamaForCausalLM(config).to(device), tok
-    cache_root = Path(cfg.cache_dir).expanduser()
-    target = cache_root / f"tiny-{cache_key(cfg)}"
-    cache_root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if not (target / "meta.json").exists():
-            model = pretrain_tiny(cfg, config, tok, device)
-            tmp = target.with_name(target.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp, safe_serialization=True)
-            tok.save(tmp / "tokenizer.json")
-            (tmp / "meta.json").write_text(json.dumps({"key": cache_key(cfg), **model._pretrain_meta}, indent=2))
-            tmp.rename(target)  # atomic: a half-written cache dir is never visible under the key
-    model = LlamaForCausalLM.from_pretrained(target, dtype=torch.float32).to(device)
+    path = pretrained_dir(cfg)
+    if not is_pretrained(path):
+        raise ConfigError(f"model: no pretrained tiny backbone at {path}; run `lorabench-pretrain` with these model keys")
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     return model, tok
-
-
-def pretrain_tiny(cfg: Any, config: LlamaConfig, tok: CharTokenizer, device: torch.device) -> LlamaForCausalLM:
-    """Full-rank pretraining on the synthetic corpus (seeded, AdamW, warmup + cosine)."""
-    torch.manual_seed(cfg.pretrain_seed)
-    model = LlamaForCausalLM(config).to(device)
-    rng = random.Random(f"pretrain-{cfg.pretrain_seed}")
-    fams = list(cfg.pretrain_families)
-    n = cfg.pretrain_steps * cfg.pretrain_batch_size
-    examples = [sample_corpus_example(rng, fams) for _ in range(n)]
-    held = [sample_corpus_example(rng, fams) for _ in range(512)]
-    data = TaskData(examples, held, tok, cfg.pretrain_seed, loss_on="all", max_length=cfg.max_position_embeddings)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
-    warm = max(1, cfg.pretrain_steps // 30)
-
-    def lr_at(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.pretrain_steps - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    model.train()
-    t0 = time.time()
-    bar = tqdm(range(cfg.pretrain_steps), desc="pretraining tiny backbone (cached after)", leave=False)
-    loss = torch.tensor(float("nan"))
-    for step in bar:
-        batch = {k: v.to(device) for k, v in data.train_batch(step, cfg.pretrain_batch_size).items()}
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-    model._pretrain_meta = {
-        "pretrain_seconds": round(time.time() - t0, 1),
-        "final_train_loss": round(float(loss.item()), 4),
-        "params": sum(p.numel() for p in model.parameters()),
-    }
-    log.info("pretrained tiny backbone: %s", model._pretrain_meta)
-    return model

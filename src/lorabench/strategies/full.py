@@ -13,7 +13,7 @@ from lorabench.strategies.registry import register
 @dataclass
 class FullConfig(StrategyConfig):
     name: str = "full"  # registry name
-    lr: float = 5e-4  # tuned on the default task (DESIGN.md §6)
+    lr: float = 5e-4  # tuned on the default task (higher diverges, lower learns too slowly; docs/defaults.md)
 
 
 @register

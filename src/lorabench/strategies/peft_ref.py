@@ -6,7 +6,7 @@ A sweep over `strategy=lora,peft_lora,qlora,peft_qlora` puts ours beside the one
 
 `prepare_model_for_kbit_training` is deliberately not called: it upcasts norms and
 embeddings to fp32 and turns on gradient checkpointing, i.e. it changes the backbone, and
-the point of the reference is an identical backbone (DESIGN.md §3, traps).
+the point of the reference is an identical backbone (docs/qlora.md).
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from lorabench.adapters.targets import find_target_linears, replace_module
-from lorabench.backbone import bnb4bit
-from lorabench.strategies.base import BaseFormat
+from lorabench.quant import BaseFormat, bnb4bit
+from lorabench.surgery import find_target_linears, replace_module
 from lorabench.strategies.lora import LoRA, LoRAConfig
 from lorabench.strategies.qlora import QLoRAConfig
 from lorabench.strategies.registry import register

@@ -1,6 +1,6 @@
 """QA-LoRA (Xu et al., ICLR 2024): group-pooled LoRA over an INT-N base that merges into INT-N.
 
-The backbone's targeted linears are group-wise INT-N (`backbone/intn.py`); the adapter pools
+The backbone's targeted linears are group-wise INT-N (`quant/intn.py`); the adapter pools
 its input over each quantization group (`adapters/qalora.py`); at the end the update is folded
 into the zero points, the merged model (still INT-N) is saved, reloaded and scored.
 """
@@ -8,36 +8,34 @@ into the zero points, the merged model (still INT-N) is saved, reloaded and scor
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-from safetensors.torch import load_model, save_model
 from torch import nn
 
+from lorabench.adapters.lora import merge_and_unload
 from lorabench.adapters.peft_format import write_peft_adapter
-from lorabench.adapters.qalora import POOLINGS, inject_qalora, merge_qalora_and_unload, qalora_layers
-from lorabench.adapters.targets import replace_module
-from lorabench.backbone.intn import _CODE_QUANTIZERS, SUPPORTED_BITS, IntNLinear
+from lorabench.adapters.qalora import POOLINGS, inject_qalora, qalora_layers
 from lorabench.errors import ConfigError
-from lorabench.strategies.base import BaseFormat, Strategy, StrategyConfig, check_rank_and_dropout
+from lorabench.quant import BaseFormat
+from lorabench.quant.code_quantizers import CODE_QUANTIZERS
+from lorabench.quant.intn import SUPPORTED_BITS
+from lorabench.quant.intn_io import intn_model_bytes, load_intn_model, save_intn_model
+from lorabench.strategies.base import Strategy, StrategyConfig, check_rank_and_dropout
 from lorabench.strategies.registry import register
-from lorabench.utils import atomic_write_text
 
 MERGED_DIR = "merged_intn"  # sub-dir of the run dir holding the merged INT-N model
-INTN_CONFIG = "intn_config.json"  # which layers are INT-N, and their format
 
 
 @dataclass
 class QALoRAConfig(StrategyConfig):
     name: str = "qalora"  # registry name
-    lr: float = 2e-3  # tuned on the default task with pooling=sum (see conf/strategy/qalora.yaml)
+    lr: float = 2e-3  # tuned on the default task with pooling=sum (INT4, seed 0: 2e-3 → 44% exact match; 1e-2 unstable)
     bits: int = 4  # INT-N width of the base weights (2, 3, 4 or 8)
     group_size: int = 32  # g: quantization group along in_features, also the pooling group
     quantizer: str = "rtn"  # how the codes are chosen: rtn (round-to-nearest from min/max); gptq not yet
-    pooling: str = "sum"  # sum (paper's Algorithm 1; learns best here) | mean (official code; slower at every lr tried)
+    pooling: str = "sum"  # sum (paper's Algorithm 1; learns best here) | mean (official code; 7-25% at lr 1e-2..1e-1): docs/qalora.md#pooling
     rank: int = 8  # r: rank of the pooled update B@A
     alpha: float = 16.0  # α: the update is scaled by α/r
     dropout: float = 0.0  # dropout on the adapter input (before pooling)
@@ -51,10 +49,7 @@ class QALoRAConfig(StrategyConfig):
             raise ConfigError(f"strategy.bits: INT-N supports bits in {list(SUPPORTED_BITS)}, got {self.bits}")
         if self.group_size <= 0:
             raise ConfigError(f"strategy.group_size: must be a positive integer, got {self.group_size}")
-        if self.quantizer not in _CODE_QUANTIZERS:
-            raise ConfigError(
-                f"strategy.quantizer: expected one of {sorted(_CODE_QUANTIZERS)}, got '{self.quantizer}'"
-            )
+        CODE_QUANTIZERS.get(self.quantizer)  # one line naming strategy.quantizer and the choices
         if self.pooling not in POOLINGS:
             raise ConfigError(f"strategy.pooling: expected one of {list(POOLINGS)}, got '{self.pooling}'")
         check_rank_and_dropout(self.rank, self.dropout)
@@ -68,6 +63,7 @@ class QALoRA(Strategy):
 
     name = "qalora"
     config_class = QALoRAConfig
+    label_keys = {"bits": "int", "rank": "r", "pooling": ""}
 
     def base_format(self) -> Optional[BaseFormat]:
         c = self.cfg
@@ -86,7 +82,7 @@ class QALoRA(Strategy):
 
     def merge_to_intn(self, model: nn.Module) -> nn.Module:
         """A copy of the model with every adapter folded into its zero points (still INT-N)."""
-        return merge_qalora_and_unload(copy.deepcopy(model))
+        return merge_and_unload(copy.deepcopy(model))
 
     def merged_for_eval(self, model: nn.Module, out_dir: Path) -> Optional[nn.Module]:
         """Merge into the zeros, save the INT-N model into `out_dir/merged_intn`, reload it and
@@ -104,7 +100,8 @@ class QALoRA(Strategy):
     def final_metrics(self, model: nn.Module) -> dict[str, float]:
         """Bytes of the merged INT-N model (packed codes, scales, zeros, unquantized parts; tied
         tensors once) vs the same model with every weight in 16-bit. Merging changes no size."""
-        return merged_model_bytes(model)
+        adapters = [p for _, m in qalora_layers(model) for p in (m.lora_A.weight, m.lora_B.weight)]
+        return intn_model_bytes(model, skip=adapters)
 
     def save_artifacts(self, model: nn.Module, out_dir: Path) -> None:
         """The trained pooled adapter (A is r × in/g) and its config; the merged model is
@@ -121,75 +118,3 @@ class QALoRA(Strategy):
             "quantizer": c.quantizer,
         }
         write_peft_adapter(Path(out_dir) / "adapter", qalora_layers(model), config)
-
-
-def merged_model_bytes(model: nn.Module) -> dict[str, float]:
-    """Held bytes and logical parameter count of everything but the adapters, counted by storage."""
-    adapters = {id(p) for _, m in qalora_layers(model) for p in (m.lora_A.weight, m.lora_B.weight)}
-    seen: set[int] = set()
-    held = 0
-    logical = 0
-    for module in model.modules():
-        if isinstance(module, IntNLinear):
-            logical += module.in_features * module.out_features
-            for t in (module.qweight, module.scales, module.zeros):
-                held += t.numel() * t.element_size()
-            if module.bias is not None:
-                logical += module.bias.numel()
-                held += module.bias.numel() * module.bias.element_size()
-            continue
-        for p in module.parameters(recurse=False):
-            if id(p) in adapters or p.untyped_storage().data_ptr() in seen:
-                continue
-            seen.add(p.untyped_storage().data_ptr())
-            logical += p.numel()
-            held += p.numel() * p.element_size()
-    return {"merged/model_bytes": float(held), "merged/model_bytes_16bit": float(2 * logical)}
-
-
-# ---- the merged INT-N model on disk ------------------------------------------------------------
-def save_intn_model(model: nn.Module, path: Path, extra: Optional[dict[str, Any]] = None) -> None:
-    """`model.safetensors` (every tensor, codes packed) + the HF `config.json` + `intn_config.json`."""
-    if not hasattr(model, "config"):
-        raise ConfigError("saving an INT-N model needs a Hugging Face model (with .config)")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    layers = {
-        n: {"in_features": m.in_features, "out_features": m.out_features, "bits": m.bits,
-            "group_size": m.group_size, "bias": m.bias is not None}
-        for n, m in model.named_modules()
-        if isinstance(m, IntNLinear)
-    }
-    dtypes = {p.dtype for p in model.parameters()}
-    dtype = str(dtypes.pop()).replace("torch.", "") if len(dtypes) == 1 else "float32"
-    model.config.save_pretrained(path)
-    tmp = path / "model.safetensors.tmp"
-    save_model(model, str(tmp))  # handles tied embeddings (saved once)
-    tmp.replace(path / "model.safetensors")
-    meta = {"format": "lorabench-intn", "dtype": dtype, "layers": layers, **(extra or {})}
-    atomic_write_text(path / INTN_CONFIG, json.dumps(meta, indent=2))
-
-
-def load_intn_model(path: Path, device: Optional[torch.device] = None) -> nn.Module:
-    """Rebuild the architecture from `config.json`, put empty IntNLinear layers where the json
-    says, and load every tensor strictly (a missing or extra tensor is an error)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = Path(path)
-    meta = json.loads((path / INTN_CONFIG).read_text())
-    if meta.get("format") != "lorabench-intn":
-        raise ConfigError(f"{path / INTN_CONFIG}: not a lorabench INT-N model")
-    dtype = getattr(torch, meta["dtype"])
-    config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(config).to(dtype)
-    for name, spec in meta["layers"].items():
-        replace_module(
-            model, name,
-            IntNLinear(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
-                       spec["bias"], dtype=dtype),
-        )
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True)
-    if device is not None:
-        model.to(device)
-    model.eval()
-    return model

@@ -13,8 +13,7 @@ from typing import Optional
 from torch import nn
 
 from lorabench.adapters.lora import lora_layers, merge_and_unload
-from lorabench.backbone import bnb4bit
-from lorabench.strategies.base import BaseFormat
+from lorabench.quant import BaseFormat, bnb4bit, quantize_backbone
 from lorabench.strategies.lora import LoRA, LoRAConfig
 from lorabench.strategies.registry import register
 
@@ -22,7 +21,7 @@ from lorabench.strategies.registry import register
 @dataclass
 class QLoRAConfig(LoRAConfig):
     name: str = "qlora"  # registry name
-    lr: float = 3e-3  # tuned on the default task like lora (DESIGN.md §6); the paper's 2e-4 is in qlora_paper.yaml
+    lr: float = 3e-3  # tuned on the default task like lora; the paper's 2e-4 is in strategy/qlora_paper.yaml
     quant_type: str = "nf4"  # nf4 (the paper's NormalFloat) | fp4
     double_quant: bool = True  # quantize the per-block absmax to 8 bits (blocks of 256)
     blocksize: int = 64  # weights per absmax block (bitsandbytes: 32..4096, powers of 2)
@@ -55,6 +54,7 @@ class QLoRA(LoRA):
 
     name = "qlora"
     config_class = QLoRAConfig
+    label_keys = {"quant_type": "", "rank": "r"}
 
     def base_format(self) -> Optional[BaseFormat]:
         return self.cfg.bnb_format()
@@ -74,8 +74,6 @@ class QLoRA(LoRA):
 
     def merge_to_4bit(self, model: nn.Module) -> nn.Module:
         """Merge into 16-bit, then requantize every adapted layer to the base's format (lossy)."""
-        from lorabench.backbone import quantize_backbone
-
         merged = self.merge_to_16bit(model)
         fmt = self.cfg.bnb_format()
         quantize_backbone(merged, BaseFormat(fmt.method, self.adapted_names_suffixes(), fmt.options))

@@ -2,15 +2,10 @@
 
 Every `reset_every` steps each adapter is merged into its base (W += (α/r)·B@A), A is
 re-drawn and B zeroed (so the function is unchanged), and the adapters' AdamW moments are
-pruned in place. The sum of K rank-r updates can reach rank K·r, which is the point of
-the method; `final_metrics` measures that rank. Pair it with `optim.scheduler=jagged_cosine`
-and `optim.restart_every` equal to `reset_every`, so that every merge falls at the trough.
-
-Faithfulness notes (DESIGN.md §3, §6):
-- A starts non-zero (kaiming), unlike the official repo's A=B=0 start where nothing learns
-  until the first merge.
-- exp_avg and exp_avg_sq are pruned with ONE mask decided on exp_avg_sq: pruning them
-  separately keeps some m whose v is zero and the next update is ≈ lr·m/eps (divergence).
+pruned in place. The sum of K rank-r updates can reach rank K·r, which is the point of the
+method; `final_metrics` measures that rank. The layer is the LoRA layer with the ReLoRA
+variant (`adapters/relora.py`); the optimizer reset is `training.optimizer.prune_moments`.
+Where this differs from the official code, and why: docs/relora.md.
 """
 
 from __future__ import annotations
@@ -23,11 +18,14 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lorabench.adapters.lora import LoRALinear, lora_layers
-from lorabench.adapters.targets import find_target_linears, replace_module
+from lorabench.adapters.lora import LoRALinear, inject_lora
+from lorabench.adapters.relora import ReLoRAVariant, relora_layers
 from lorabench.errors import ConfigError
-from lorabench.strategies.base import BaseFormat, Strategy, StrategyConfig, check_rank_and_dropout
+from lorabench.quant import BaseFormat, bnb4bit
+from lorabench.strategies.base import Strategy, StrategyConfig, check_rank_and_dropout
 from lorabench.strategies.registry import register
+from lorabench.surgery import find_target_linears
+from lorabench.training.optimizer import prune_moments
 from lorabench.utils import DTYPES
 
 log = logging.getLogger(__name__)
@@ -89,225 +87,21 @@ class ReLoRAConfig(StrategyConfig):
             raise ConfigError(f"strategy.compute_dtype: expected one of {list(DTYPES)}, got '{self.compute_dtype}'")
 
 
-def _bnb4bit():
-    """The shared 4-bit backbone module (imported lazily: only base=nf4 needs bitsandbytes)."""
-    from lorabench.backbone import bnb4bit
-
-    return bnb4bit
-
-
-class ReLoRALinear(LoRALinear):
-    """A LoRA layer that can fold its update into the base and start a new cycle.
-
-    The base may be a float linear of any dtype (inputs are cast to it) or a 4-bit
-    bitsandbytes linear, merged by dequantize → add → requantize (optionally from a
-    16-bit master copy held as a buffer, so memory accounting sees it).
-    """
-
-    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float, quantized: bool) -> None:
-        super().__init__(base_layer, rank, alpha, dropout)
-        self.quantized = quantized
-        # nf4 + master_copy: a bf16 copy of the base (a buffer, so memory accounting counts it).
-        self.register_buffer("master", None, persistent=False)
-        # Scaled factors of every merged cycle: W_now − W_cycle0 = Σ_k U_k @ V_k (kept on CPU, tiny).
-        self.merged_factors: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.initial_state: Optional[dict[str, Any]] = None  # 4-bit base at wrap time (nf4 only)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = getattr(self.base_layer, "weight", None)
-        if self.quantized or w is None or w.dtype == x.dtype:
-            result = self.base_layer(x)
-        else:
-            result = self.base_layer(x.to(w.dtype)).to(x.dtype)
-        if self.merged:  # LoRALinear.merge() (export) already folded B@A into the base
-            return result
-        a_in = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        update = self.lora_B(self.lora_A(a_in)) * self.scaling
-        return result + update.to(result.dtype)
-
-    # ---- base weight access --------------------------------------------------------------
-    def base_weight_float(self) -> torch.Tensor:
-        """The base weight as the model uses it, in fp32."""
-        if self.quantized:
-            return _bnb4bit().dequantized_weight(self.base_layer, torch.float32)
-        return self.base_layer.weight.detach().float()
-
-    def enable_master_copy(self) -> None:
-        """Hold a 16-bit copy of the dequantized base to merge into (nf4 + master_copy)."""
-        self.master = self.base_weight_float().to(torch.bfloat16)
-
-    @torch.no_grad()
-    def merge_and_restart(self, generator: torch.Generator) -> tuple[float, float]:
-        """W += Δ = (α/r)·B@A, A re-drawn (kaiming), B = 0.
-
-        Returns (‖realized change of the stored W − Δ‖_F, ‖Δ‖_F): the first is 0 for an fp32
-        base, bf16 rounding for a bf16 one, and 4-bit rounding for nf4.
-        """
-        delta = self.delta_weight()
-        if self.quantized:
-            before = self.base_weight_float()
-            if self.master is not None:  # merge into the 16-bit copy, quantize from it
-                self.master.copy_((self.master.float() + delta).to(self.master.dtype))
-                self._requantize(self.master.float())
-            else:  # dequantize, add, requantize
-                self._requantize(before + delta)
-            # how far this merge's realized change of the 4-bit weight is from Δ
-            err = (self.base_weight_float() - before - delta).norm().item()
-        else:
-            w = self.base_layer.weight
-            intended = w.float() + delta
-            w.copy_(intended.to(w.dtype))
-            err = (w.float() - intended).norm().item()
-        self.merged_factors.append(
-            (self.lora_B.weight.detach().float().cpu().clone(), (self.lora_A.weight.detach().float() * self.scaling).cpu())
-        )
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
-        nn.init.zeros_(self.lora_B.weight)
-        return err, delta.norm().item()
-
-    def _requantize(self, weight: torch.Tensor) -> None:
-        """Replace the 4-bit base by `weight` quantized in the same format (bias kept)."""
-        bnb4 = _bnb4bit()
-        old = self.base_layer
-        dtype = old.weight.quant_state.dtype
-        lin = nn.Linear(self.in_features, self.out_features, bias=old.bias is not None, device="meta", dtype=dtype)
-        lin.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
-        if old.bias is not None:
-            lin.bias = old.bias
-        self.base_layer = bnb4.requantize(lin, old)
-
-    def quantized_state(self) -> dict[str, Any]:
-        """The 4-bit base as plain tensors (packed weight, packed quant_state, bias): exact, and
-        loadable with torch.load(weights_only=True)."""
-        bnb4 = _bnb4bit()
-        data, qs = bnb4._unpacked_state(self.base_layer)
-        bias = self.base_layer.bias
-        return {
-            "data": data.detach().clone(),
-            "stats": {k: v.clone() for k, v in qs.as_dict(packed=True).items()},
-            "bias": None if bias is None else bias.detach().clone(),
-        }
-
-    def load_quantized_state(self, state: dict[str, Any]) -> None:
-        """Rebuild the 4-bit base bit for bit from `quantized_state`."""
-        self.base_layer = self._linear4bit_from_state(state)
-
-    def _linear4bit_from_state(self, state: dict[str, Any]) -> nn.Module:
-        import bitsandbytes as bnb
-
-        old = self.base_layer
-        device = state["data"].device
-        qs = old.weight.quant_state
-        new = bnb.nn.Linear4bit(
-            self.in_features, self.out_features, bias=state["bias"] is not None,
-            compute_dtype=old.compute_dtype, compress_statistics=bool(qs.nested), quant_type=qs.quant_type, device="meta",
-        )
-        new.weight = bnb.nn.Params4bit.from_prequantized(
-            data=state["data"], quantized_stats=state["stats"], requires_grad=False, device=device, module=new
-        )
-        if state["bias"] is not None:
-            new.bias = nn.Parameter(state["bias"].clone(), requires_grad=False)
-        new.support_avx512bf16_for_cpu = False  # DESIGN.md §6: never repack for CPU inference
-        return new
-
-    def requant_drift(self) -> tuple[float, float]:
-        """(‖W_now − W_start − Σ merged Δ‖_F, ‖Σ merged Δ‖_F) for a 4-bit base, all dequantized.
-
-        The error that rounding to the 4-bit grid at every merge has accumulated: it grows
-        with the merges when merging by dequantize-add-requantize, and stays one quantization
-        step away when requantizing from a master copy.
-        """
-        if not self.merged_factors:
-            return 0.0, 0.0
-        start = _bnb4bit().dequantized_weight(self._linear4bit_from_state(self.initial_state), torch.float32)
-        now = self.base_weight_float().cpu()
-        u = torch.cat([u for u, _ in self.merged_factors], dim=1)
-        v = torch.cat([v for _, v in self.merged_factors], dim=0)
-        applied = u @ v
-        return (now - start.cpu() - applied).norm().item(), applied.norm().item()
-
-    def accumulated_update_rank(self) -> int:
-        """Numerical rank (at fp32 precision) of Σ merged (α/r)·B_k@A_k + the current (α/r)·B@A.
-
-        Computed from the factors: with U = [B_1 … B_K B] and V = [s·A_1; …; s·A_K; s·A],
-        the singular values of U@V are those of R_u @ R_vᵀ (QR of U and Vᵀ), a small matrix.
-        """
-        us = [u for u, _ in self.merged_factors] + [self.lora_B.weight.detach().float().cpu()]
-        vs = [v for _, v in self.merged_factors] + [(self.lora_A.weight.detach().float() * self.scaling).cpu()]
-        u = torch.cat(us, dim=1).double()
-        v = torch.cat(vs, dim=0).double()
-        _, ru = torch.linalg.qr(u)
-        _, rv = torch.linalg.qr(v.T)
-        s = torch.linalg.svdvals(ru @ rv.T)
-        if s.numel() == 0 or s[0] == 0:
-            return 0
-        tol = s[0] * max(self.out_features, self.in_features) * torch.finfo(torch.float32).eps
-        return int((s > tol).sum())
-
-
-def _to_cpu(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _to_cpu(v) for k, v in x.items()}
-    return x.cpu() if isinstance(x, torch.Tensor) else x
-
-
-def _matches(name: str, entries: list[str]) -> bool:
-    last = name.rsplit(".", 1)[-1]
-    return any(last == e or last.endswith(e) for e in entries)
-
-
-@torch.no_grad()
-def prune_moments(
-    optimizer: torch.optim.Optimizer,
-    params: list[nn.Parameter],
-    ratio: float,
-    method: str,
-    generator: Optional[torch.Generator] = None,
-) -> float:
-    """Zero `ratio` of each param's exp_avg and exp_avg_sq entries with ONE mask decided on
-    exp_avg_sq (smallest magnitudes, or at random), in place; the step counter is untouched.
-    Returns the fraction of entries zeroed over all pruned tensors."""
-    zeroed = total = 0
-    for p in params:
-        state = optimizer.state.get(p)
-        if not state or "exp_avg_sq" not in state:
-            continue
-        v, m = state["exp_avg_sq"], state["exp_avg"]
-        n = v.numel()
-        k = int(round(ratio * n))
-        if method == "magnitude":
-            keep = torch.zeros(n, dtype=torch.bool, device=v.device)
-            if n - k > 0:
-                keep[torch.topk(v.abs().flatten(), n - k, sorted=False).indices] = True
-        else:
-            keep = torch.ones(n, dtype=torch.bool, device=v.device)
-            if k > 0:
-                perm = torch.randperm(n, generator=generator, device="cpu").to(v.device)
-                keep[perm[:k]] = False
-        keep = keep.view_as(v)
-        v.mul_(keep)
-        m.mul_(keep)
-        zeroed += int((~keep).sum())
-        total += n
-    return zeroed / total if total else 0.0
-
-
 @register
 class ReLoRA(Strategy):
     """LoRA cycles merged into the base every `reset_every` steps, after an optional full-rank warm start."""
 
     name = "relora"
     config_class = ReLoRAConfig
+    label_keys = {"rank": "r", "reset_every": "T"}
 
     def __init__(self, cfg: ReLoRAConfig, seed: int = 0) -> None:
         super().__init__(cfg, seed)
         self.merges = 0
-        self.low_rank = cfg.warm_start_steps == 0
         self.merge_error = 0.0  # Σ over merges and layers of ‖stored W − intended W‖_F
         self.merge_delta = 0.0  # Σ over merges and layers of ‖Δ‖_F (to report the error relatively)
         self.adapted: list[str] = []
         self.full_rank: list[str] = []
-        self._switch_pending = False  # warm start over: switch the trainable set at the next rebuild
         self._warned_lr = False
 
     # ---- backbone -------------------------------------------------------------------------
@@ -320,21 +114,14 @@ class ReLoRA(Strategy):
 
     def wrap(self, model: nn.Module) -> nn.Module:
         c = self.cfg
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self.adapted = find_target_linears(model, c.target_modules)
         quantized = c.base == "nf4"
-        for name in self.adapted:
-            base = model.get_submodule(name)
-            if not quantized:
-                base.to(DTYPES[c.base])
-            layer = ReLoRALinear(base, c.rank, c.alpha, c.dropout, quantized)
-            if quantized:
-                # the starting 4-bit weight (on CPU, 0.5 B/param) to measure the accumulated requantization drift
-                layer.initial_state = {k: _to_cpu(v) for k, v in layer.quantized_state().items()}
-                if c.master_copy:
-                    layer.enable_master_copy()
-            replace_module(model, name, layer)
+        if not quantized:  # the adapted bases in the dtype ReLoRA merges into
+            for name in find_target_linears(model, c.target_modules):
+                model.get_submodule(name).to(DTYPES[c.base])
+        self.adapted = inject_lora(
+            model, c.target_modules, c.rank, c.alpha, c.dropout,
+            variant=lambda name, base: ReLoRAVariant(quantized, c.master_copy),
+        )
         adapted = set(self.adapted)
         self.full_rank = [
             n for n, m in model.named_modules()
@@ -344,46 +131,32 @@ class ReLoRA(Strategy):
         missing = [e for e in c.train_full_rank if not any(_matches(n, [e]) for n in self.full_rank)]
         if missing:
             raise ConfigError(f"strategy.train_full_rank: {missing} matched no module outside the adapted linears")
-        self._apply_phase(model)
+        self.apply_phase(model, 0)
         return model
 
     def _adapter_params(self, model: nn.Module) -> list[nn.Parameter]:
-        return [p for _, layer in lora_layers(model) for p in (layer.lora_A.weight, layer.lora_B.weight)]
+        return [p for _, layer in relora_layers(model) for p in (layer.lora_A.weight, layer.lora_B.weight)]
 
-    def _apply_phase(self, model: nn.Module) -> None:
+    # ---- phases: an optional full-rank warm start, then low-rank cycles --------------------
+    def phase_starts(self) -> list[int]:
+        return [0, self.cfg.warm_start_steps] if self.cfg.warm_start_steps > 0 else [0]
+
+    def apply_phase(self, model: nn.Module, step: int) -> None:
         """Warm start: everything but the adapters trains; low-rank: adapters + `train_full_rank`."""
+        low_rank = step >= self.cfg.warm_start_steps
         for p in model.parameters():
-            p.requires_grad_(not self.low_rank)
+            p.requires_grad_(not low_rank)
         for p in self._adapter_params(model):
-            p.requires_grad_(self.low_rank)
-        if self.low_rank:
+            p.requires_grad_(low_rank)
+        if low_rank:
             for n in self.full_rank:
                 for p in model.get_submodule(n).parameters():
                     p.requires_grad_(True)
 
     # ---- training hooks -------------------------------------------------------------------
-    def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        """Warm start: every parameter but the adapters; then adapters + `train_full_rank`.
-
-        The switch happens on the first call after `rebuild_optimizer_at` said so, i.e. when
-        the trainer rebuilds AdamW, so the set and the optimizer always change together.
-        """
-        if self._switch_pending:
-            self._switch_pending = False
-            self.low_rank = True
-            self._apply_phase(model)
-        return super().trainable_parameters(model)
-
     def lr_scale(self, step: int) -> float:
         """The warm start's own lr: `warm_start_lr_ratio` × the scheduled lr while full-rank."""
         return self.cfg.warm_start_lr_ratio if step < self.cfg.warm_start_steps else 1.0
-
-    def rebuild_optimizer_at(self, step: int) -> bool:
-        """True once, before the first low-rank step (`step` = steps done so far)."""
-        if self.cfg.warm_start_steps > 0 and step == self.cfg.warm_start_steps and not self.low_rank:
-            self._switch_pending = True
-            return True
-        return False
 
     def on_step_end(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         """Merge-and-restart every `reset_every` steps of the low-rank phase.
@@ -391,18 +164,19 @@ class ReLoRA(Strategy):
         Returns metrics only at a merge (the trainer logs every step that returns some).
         """
         c = self.cfg
-        if not self.low_rank or step <= c.warm_start_steps or step % c.reset_every != 0:
+        if step <= c.warm_start_steps or step % c.reset_every != 0:
             return {}
         self.merges += 1
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.merges)
         err = delta = 0.0
-        for _, layer in lora_layers(model):
-            e, d = layer.merge_and_restart(gen)
+        layers = relora_layers(model)
+        for _, layer in layers:
+            e, d = layer.variant.merge_and_restart(layer, gen)
             err, delta = err + e, delta + d
         self.merge_error += err
         self.merge_delta += delta
         if self.cfg.base == "nf4":  # new Linear4bit layers: let memory accounting count the shared code table once
-            _bnb4bit()._mark_shared_nested_code([l.base_layer for _, l in lora_layers(model)])
+            bnb4bit.share_nested_code([layer.base_layer for _, layer in layers])
         out: dict[str, float] = {"relora/merges": float(self.merges)}
         out["relora/pruned_fraction"] = prune_moments(
             optimizer, self._adapter_params(model), c.prune_ratio, c.optimizer_reset, gen
@@ -422,10 +196,8 @@ class ReLoRA(Strategy):
 
     def final_metrics(self, model: nn.Module) -> dict[str, float]:
         """Rank of each adapted layer's accumulated low-rank update, vs r; merge error."""
-        ranks = {}
-        for name, layer in lora_layers(model):
-            if isinstance(layer, ReLoRALinear):
-                ranks[name] = layer.accumulated_update_rank()
+        layers = relora_layers(model)
+        ranks = {name: layer.variant.accumulated_update_rank(layer) for name, layer in layers}
         out: dict[str, float] = {f"relora/update_rank/{n}": float(v) for n, v in ranks.items()}
         if ranks:
             vals = list(ranks.values())
@@ -436,8 +208,8 @@ class ReLoRA(Strategy):
         out["relora/merges"] = float(self.merges)
         if self.cfg.base == "nf4":
             drift = total = 0.0
-            for _, layer in lora_layers(model):
-                d, t = layer.requant_drift()
+            for _, layer in layers:
+                d, t = layer.variant.requant_drift(layer)
                 drift, total = drift + d**2, total + t**2
             out["relora/requant_drift"] = math.sqrt(drift)  # ‖W_now − W_start − ΣΔ‖ over all adapted layers
             out["relora/requant_drift_rel"] = math.sqrt(drift / total) if total else 0.0
@@ -455,48 +227,41 @@ class ReLoRA(Strategy):
     # ---- checkpointing -------------------------------------------------------------------
     def state_dict(self, model: nn.Module) -> dict[str, Any]:
         """Trainable tensors, plus what merges changed: the adapted bases (and master copies),
-        the merged factors, counters and the phase; resuming mid-cycle then equals no break."""
-        layers = dict(lora_layers(model))
-        base: dict[str, Any] = {}
-        for n, layer in layers.items():
-            if layer.quantized:
-                base[n] = layer.quantized_state()
-            else:
-                base[n] = layer.base_layer.state_dict()
+        the merged factors and counters; resuming mid-cycle then equals no break."""
+        layers = dict(relora_layers(model))
         return {
             "params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
             "adapters": {n: {"A": l.lora_A.weight.detach().clone(), "B": l.lora_B.weight.detach().clone()} for n, l in layers.items()},
-            "base": base,
+            "base": {n: l.variant.base_state(l) for n, l in layers.items()},
             "master": {n: l.master.clone() for n, l in layers.items() if l.master is not None},
-            "initial": {n: l.initial_state for n, l in layers.items() if l.quantized},
-            "factors": {n: [(u.clone(), v.clone()) for u, v in l.merged_factors] for n, l in layers.items()},
+            "initial": {n: l.variant.initial_state for n, l in layers.items() if l.variant.quantized},
+            "factors": {n: [(u.clone(), v.clone()) for u, v in l.variant.merged_factors] for n, l in layers.items()},
             "merges": self.merges,
-            "low_rank": self.low_rank,
             "merge_error": self.merge_error,
             "merge_delta": self.merge_delta,
         }
 
     def load_state_dict(self, model: nn.Module, state: dict[str, Any]) -> None:
-        """Restore `state_dict` after `wrap`; also restores the phase (so rebuild the optimizer after)."""
+        """Restore `state_dict` after `wrap` and `apply_phase`."""
         self.merges = int(state["merges"])
         self.merge_error = float(state["merge_error"])
         self.merge_delta = float(state["merge_delta"])
-        self.low_rank = bool(state["low_rank"])
-        self._apply_phase(model)
-        layers = dict(lora_layers(model))
         with torch.no_grad():
-            for n, layer in layers.items():
-                if layer.quantized:
-                    layer.load_quantized_state(state["base"][n])
-                else:
-                    layer.base_layer.load_state_dict(state["base"][n])
+            for n, layer in relora_layers(model):
+                layer.variant.load_base_state(layer, state["base"][n])
                 layer.lora_A.weight.copy_(state["adapters"][n]["A"])
                 layer.lora_B.weight.copy_(state["adapters"][n]["B"])
                 if n in state.get("initial", {}):
-                    layer.initial_state = state["initial"][n]
+                    layer.variant.initial_state = state["initial"][n]
                 if n in state["master"]:
                     layer.master = state["master"][n].clone()
-                layer.merged_factors = [(u.clone(), v.clone()) for u, v in state["factors"][n]]
+                layer.variant.merged_factors = [(u.clone(), v.clone()) for u, v in state["factors"][n]]
             params = dict(model.named_parameters())
             for n, t in state["params"].items():
                 params[n].copy_(t)
+
+
+def _matches(name: str, entries: list[str]) -> bool:
+    """A module name matches an entry when its last part equals or ends with it ('norm' ⊂ 'input_layernorm')."""
+    last = name.rsplit(".", 1)[-1]
+    return any(last == e or last.endswith(e) for e in entries)

@@ -3,33 +3,34 @@
 `W[o, i] = s[l, o] · (q[o, i] − z[l, o])` with `l = i // g`: one scale and one zero point per
 (group of g consecutive input features, output). Codes q ∈ [0, 2^bits − 1] are bit-packed
 (8 codes in `bits` bytes), so the weight costs exactly bits/8 bytes per element. Zero points
-are floats on purpose: QA-LoRA's merge moves them to fractional values (DESIGN.md §3).
+are floats on purpose: QA-LoRA's merge moves them to fractional values (docs/qalora.md#merge-into-the-zero-points).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-from lorabench.adapters.targets import replace_module
-from lorabench.backbone.quantize import register_quantizer
+from lorabench.quant import register_quantizer
+from lorabench.quant.code_quantizers import CODE_QUANTIZERS
+from lorabench.surgery import replace_module
 from lorabench.errors import ConfigError
 from lorabench.memory import LayerBytes, register_accounting
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-_CODES_PER_CHUNK = 8  # 8 codes of `bits` bits fill exactly `bits` bytes, for every supported width
+CODES_PER_CHUNK = 8  # 8 codes of `bits` bits fill exactly `bits` bytes, for every supported width
 
 
 # ---- bit packing ------------------------------------------------------------------------------
 def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack uint8 codes (out, in) along `in` into (out, ceil(in/8)·bits) bytes (zero-padded)."""
     out, n = q.shape
-    pad = (-n) % _CODES_PER_CHUNK
-    q64 = torch.nn.functional.pad(q.to(torch.int64), (0, pad)).view(out, -1, _CODES_PER_CHUNK)
-    shifts = torch.arange(_CODES_PER_CHUNK, dtype=torch.int64, device=q.device) * bits
+    pad = (-n) % CODES_PER_CHUNK
+    q64 = torch.nn.functional.pad(q.to(torch.int64), (0, pad)).view(out, -1, CODES_PER_CHUNK)
+    shifts = torch.arange(CODES_PER_CHUNK, dtype=torch.int64, device=q.device) * bits
     word = (q64 << shifts).sum(-1)  # (out, chunks): 8·bits ≤ 64 bits each
     byte_shifts = torch.arange(bits, dtype=torch.int64, device=q.device) * 8
     return ((word.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(out, -1)
@@ -41,47 +42,9 @@ def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Ten
     b = packed.to(torch.int64).view(out, -1, bits)
     byte_shifts = torch.arange(bits, dtype=torch.int64, device=packed.device) * 8
     word = (b << byte_shifts).sum(-1)
-    shifts = torch.arange(_CODES_PER_CHUNK, dtype=torch.int64, device=packed.device) * bits
+    shifts = torch.arange(CODES_PER_CHUNK, dtype=torch.int64, device=packed.device) * bits
     q = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return q.reshape(out, -1)[:, :in_features].to(torch.uint8)
-
-
-# ---- code quantizers (RTN now; GPTQ would register here and take calibration data) --------------
-CodeQuantizer = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-_CODE_QUANTIZERS: dict[str, CodeQuantizer] = {}
-
-
-def register_code_quantizer(name: str) -> Callable[[CodeQuantizer], CodeQuantizer]:
-    """Decorator: `fn(weight (out,in) fp32, bits, group_size) -> (q (out,in) uint8, scales (L,out), zeros (L,out))`."""
-
-    def deco(fn: CodeQuantizer) -> CodeQuantizer:
-        _CODE_QUANTIZERS[name] = fn
-        return fn
-
-    return deco
-
-
-@register_code_quantizer("rtn")
-def rtn_quantize(
-    weight: torch.Tensor, bits: int, group_size: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round-to-nearest from each group's min/max: s = (max−min)/(2^b−1), z = round(−min/s).
-
-    Every element then lies within s/2 of its reconstruction (the integer zero shifts the grid
-    by at most s/2, and the clamp never moves an in-range value further than that). A constant
-    group gets s = |c| (or 1 for zeros) so that it is reconstructed exactly.
-    """
-    out, n = weight.shape
-    maxq = (1 << bits) - 1
-    w = weight.detach().float().reshape(out, n // group_size, group_size)
-    wmin = w.amin(-1)
-    wmax = w.amax(-1)
-    scale = (wmax - wmin) / maxq
-    flat = scale == 0
-    scale = torch.where(flat, torch.where(wmin != 0, wmin.abs(), torch.ones_like(wmin)), scale)
-    zero = torch.round(-wmin / scale)
-    q = torch.clamp(torch.round(w / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, maxq)
-    return q.reshape(out, n).to(torch.uint8), scale.t().contiguous(), zero.t().contiguous()
 
 
 # ---- the layer ----------------------------------------------------------------------------------
@@ -120,7 +83,7 @@ class IntNLinear(nn.Module):
         self.group_size = group_size
         self.compute_dtype = dtype  # dtype of the dequantized weight (the base model's dtype)
         n_groups = in_features // group_size
-        packed_cols = math.ceil(in_features / _CODES_PER_CHUNK) * bits
+        packed_cols = math.ceil(in_features / CODES_PER_CHUNK) * bits
         self.register_buffer("qweight", torch.zeros(out_features, packed_cols, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.ones(n_groups, out_features, dtype=torch.float32, device=device))
         self.register_buffer("zeros", torch.zeros(n_groups, out_features, dtype=torch.float32, device=device))
@@ -131,14 +94,11 @@ class IntNLinear(nn.Module):
         cls, linear: nn.Module, bits: int, group_size: int, quantizer: str = "rtn"
     ) -> "IntNLinear":
         """Quantize a float linear (nn.Linear or anything with `.weight` (out, in))."""
-        if quantizer not in _CODE_QUANTIZERS:
-            raise ConfigError(
-                f"strategy.quantizer: unknown INT-N quantizer '{quantizer}', expected one of {sorted(_CODE_QUANTIZERS)}"
-            )
+        quantize = CODE_QUANTIZERS.get(quantizer)
         w = linear.weight
         bias = getattr(linear, "bias", None)
         layer = cls(linear.in_features, linear.out_features, bits, group_size, bias is not None, w.dtype, w.device)
-        q, s, z = _CODE_QUANTIZERS[quantizer](w.detach(), bits, group_size)
+        q, s, z = quantize(w.detach(), bits, group_size)
         with torch.no_grad():
             layer.qweight.copy_(pack_codes(q, bits))
             layer.scales.copy_(s)
@@ -192,10 +152,7 @@ def quantize_intn(
     if unused:
         raise ConfigError(f"intn quantizer: unknown options {sorted(unused)}")
     check_bits(bits)
-    if quantizer not in _CODE_QUANTIZERS:
-        raise ConfigError(
-            f"strategy.quantizer: unknown INT-N quantizer '{quantizer}', expected one of {sorted(_CODE_QUANTIZERS)}"
-        )
+    CODE_QUANTIZERS.get(quantizer)  # refuses an unknown name before any layer changes
     if group_size <= 0:
         raise ConfigError(f"strategy.group_size: must be a positive integer, got {group_size}")
     for name in names:
@@ -216,7 +173,7 @@ def quantize_intn(
 def _intn_bytes(m: IntNLinear) -> LayerBytes:
     """Exact: packed codes (bits/8 per weight, padded to whole 8-code chunks) + fp32 scales and zeros + bias."""
     n = m.in_features * m.out_features
-    code_bytes = m.out_features * math.ceil(m.in_features / _CODES_PER_CHUNK) * m.bits
+    code_bytes = m.out_features * math.ceil(m.in_features / CODES_PER_CHUNK) * m.bits
     const_bytes = 2 * m.n_groups * m.out_features * 4
     tensors = [m.qweight, m.scales, m.zeros]
     bias_bytes = 0

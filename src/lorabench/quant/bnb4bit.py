@@ -9,7 +9,7 @@ Two bitsandbytes 0.50 facts shape this file:
 - On a CPU with AVX512-BF16, the first eval-mode no-grad forward of a `Linear4bit` repacks
   its weight into an inference layout for good; later training forwards then take a kernel
   without autograd (wrong gradients, only a warning), and a plain dequantize of the
-  repacked bytes gives garbage (DESIGN.md §6). Every layer built here has `support_avx512bf16_for_cpu = False`.
+  repacked bytes gives garbage (docs/qlora.md#bitsandbytes-on-cpu). Every layer built here has `support_avx512bf16_for_cpu = False`.
 - `Params4bit.numel()` is half the logical size and the quantization constants live in
   `quant_state`, outside `named_parameters()`: the accounting registered below counts them.
 
@@ -31,8 +31,8 @@ from torch import nn
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 
-from lorabench.adapters.targets import replace_module
-from lorabench.backbone.quantize import register_quantizer
+from lorabench.quant import register_quantizer
+from lorabench.surgery import replace_module
 from lorabench.errors import ConfigError
 from lorabench.memory import LayerBytes, register_accounting
 from lorabench.utils import DTYPES, module_device
@@ -131,7 +131,7 @@ def to_linear4bit(
     ).to(device)  # Params4bit quantizes on its first .to(device)
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-    # DESIGN.md §6: never repack for CPU inference (silently wrong grads and merges after).
+    # docs/qlora.md#bitsandbytes-on-cpu: never repack for CPU inference (silently wrong grads and merges after).
     layer.support_avx512bf16_for_cpu = False
     return layer
 
@@ -164,10 +164,10 @@ def quantize_bnb4bit(
         new = to_linear4bit(old, quant_type, double_quant, blocksize, dtype)
         replace_module(model, name, new)
         layers.append(new)
-    _mark_shared_nested_code(layers)
+    share_nested_code(layers)
 
 
-def _mark_shared_nested_code(layers: list["bnb.nn.Linear4bit"]) -> None:
+def share_nested_code(layers: list["bnb.nn.Linear4bit"]) -> None:
     """Record how many layers share each second-level code table (bnb reuses one for all).
 
     The expected bytes then count that table once per model, as the measured bytes do;
@@ -187,7 +187,7 @@ def _mark_shared_nested_code(layers: list["bnb.nn.Linear4bit"]) -> None:
             layer._lorabench_nested_code_share = (ptr, counts[ptr])
 
 
-def _unpacked_state(layer: "bnb.nn.Linear4bit") -> tuple[torch.Tensor, Any]:
+def unpacked_state(layer: "bnb.nn.Linear4bit") -> tuple[torch.Tensor, Any]:
     """The packed weight and quant_state in bnb's standard layout.
 
     A CPU-repacked layer (never one built here) is read back through bitsandbytes' own
@@ -205,7 +205,7 @@ def _unpacked_state(layer: "bnb.nn.Linear4bit") -> tuple[torch.Tensor, Any]:
 
 def dequantized_weight(layer: "bnb.nn.Linear4bit", dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The float weight a Linear4bit represents (out × in), in quant_state.dtype unless `dtype`."""
-    data, qs = _unpacked_state(layer)
+    data, qs = unpacked_state(layer)
     w = bnbF.dequantize_4bit(data, qs)
     return w if dtype is None else w.to(dtype)
 
@@ -234,6 +234,47 @@ def layer_options(layer: "bnb.nn.Linear4bit") -> dict[str, Any]:
 def requantize(linear: nn.Linear, like: "bnb.nn.Linear4bit") -> "bnb.nn.Linear4bit":
     """Quantize `linear` into the same 4-bit format as `like` (lossy: rounds to the 4-bit grid)."""
     return to_linear4bit(linear, **layer_options(like))
+
+
+def requantize_weight(layer: "bnb.nn.Linear4bit", weight: torch.Tensor) -> "bnb.nn.Linear4bit":
+    """A new Linear4bit holding `weight` (out × in, any float dtype) in `layer`'s format, bias kept.
+
+    ReLoRA's merge into a 4-bit base goes through here: dequantize, add, requantize.
+    """
+    dtype = layer.weight.quant_state.dtype
+    lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta", dtype=dtype)
+    lin.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    if layer.bias is not None:
+        lin.bias = layer.bias
+    return requantize(lin, layer)
+
+
+def layer_state(layer: "bnb.nn.Linear4bit") -> dict[str, Any]:
+    """The 4-bit layer as plain tensors (packed weight, packed quant_state, bias): exact, and
+    loadable with torch.load(weights_only=True)."""
+    data, qs = unpacked_state(layer)
+    bias = layer.bias
+    return {
+        "data": data.detach().clone(),
+        "stats": {k: v.clone() for k, v in qs.as_dict(packed=True).items()},
+        "bias": None if bias is None else bias.detach().clone(),
+    }
+
+
+def layer_from_state(state: dict[str, Any], like: "bnb.nn.Linear4bit") -> "bnb.nn.Linear4bit":
+    """Rebuild, bit for bit, the Linear4bit that `layer_state` saved (`like` gives shape and compute dtype)."""
+    qs = like.weight.quant_state
+    new = bnb.nn.Linear4bit(
+        like.in_features, like.out_features, bias=state["bias"] is not None,
+        compute_dtype=like.compute_dtype, compress_statistics=bool(qs.nested), quant_type=qs.quant_type, device="meta",
+    )
+    new.weight = bnb.nn.Params4bit.from_prequantized(
+        data=state["data"], quantized_stats=state["stats"], requires_grad=False, device=state["data"].device, module=new
+    )
+    if state["bias"] is not None:
+        new.bias = nn.Parameter(state["bias"].clone(), requires_grad=False)
+    new.support_avx512bf16_for_cpu = False  # docs/qlora.md#bitsandbytes-on-cpu
+    return new
 
 
 def deepcopy_model(model: nn.Module) -> nn.Module:

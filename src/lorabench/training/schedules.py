@@ -9,28 +9,27 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+from lorabench.errors import ConfigError
+from lorabench.registry import Registry
+
 Schedule = Callable[[int], float]
-_SCHEDULES: dict[str, Callable[[Any, int], Schedule]] = {}
+ScheduleBuilder = Callable[[Any, int], Schedule]  # (optim_cfg, total_steps) -> (step -> multiplier)
+SCHEDULES: Registry[ScheduleBuilder] = Registry("schedule", "optim.scheduler")
 
 
-def register_schedule(name: str) -> Callable:
-    """Decorator: `builder(optim_cfg, total_steps) -> (step -> multiplier)`."""
-
-    def deco(builder: Callable[[Any, int], Schedule]) -> Callable[[Any, int], Schedule]:
-        _SCHEDULES[name] = builder
-        return builder
-
-    return deco
+def register_schedule(name: str) -> Callable[[ScheduleBuilder], ScheduleBuilder]:
+    """Decorator: make `builder(optim_cfg, total_steps)` selectable as `optim.scheduler=<name>`."""
+    return SCHEDULES.register(name)
 
 
 def available_schedules() -> list[str]:
     """Names accepted by `optim.scheduler`."""
-    return sorted(_SCHEDULES)
+    return SCHEDULES.names()
 
 
 def build_schedule(optim_cfg: Any, total_steps: int) -> Schedule:
     """The multiplier function for `optim_cfg.scheduler` over `total_steps`."""
-    return _SCHEDULES[optim_cfg.scheduler](optim_cfg, total_steps)
+    return SCHEDULES.get(optim_cfg.scheduler)(optim_cfg, total_steps)
 
 
 def _warmup(step: int, warmup: int) -> float:
@@ -74,8 +73,6 @@ def jagged_cosine(optim_cfg: Any, total_steps: int) -> Schedule:
     Bad settings raise ConfigError here, when the trainer builds the schedule before the
     first step, because only then is `total_steps` known.
     """
-    from lorabench.errors import ConfigError
-
     w, r = optim_cfg.warmup_steps, optim_cfg.min_lr_ratio
     every, ramp = optim_cfg.restart_every, optim_cfg.restart_warmup_steps
     if every <= 0:

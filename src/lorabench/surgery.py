@@ -1,4 +1,7 @@
-"""Find the linear layers a strategy targets, PEFT-style (`all-linear` or name suffixes)."""
+"""Module surgery shared by quantizers and adapters: find the targeted linears, swap a module.
+
+Targets follow PEFT's rules (`all-linear` = every linear but the output head, or name suffixes).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or bool(getattr(module, "is_quantized_linear", False))
 
 
-def _output_embedding_names(model: nn.Module) -> set[str]:
+def output_embedding_names(model: nn.Module) -> set[str]:
     out = getattr(model, "get_output_embeddings", lambda: None)()
     return {n for n, m in model.named_modules() if out is not None and m is out} | {"lm_head"}
 
@@ -27,7 +30,7 @@ def find_target_linears(
     `all-linear` means every linear except the output head (as in PEFT); a list matches a
     module whose name equals an entry or ends with `.<entry>`. Matching nothing is an error.
     """
-    skip = _output_embedding_names(model)
+    skip = output_embedding_names(model)
     linears = [n for n, m in model.named_modules() if is_linear_like(m) and n not in skip]
     if isinstance(target_modules, str):
         targets: Iterable[str] = [target_modules]

@@ -1,0 +1,131 @@
+"""One job end to end: config → backbone (+ quant) → strategy → trainer → tracker.
+
+The job builds the pieces in that order, hands them to the `Trainer`, and always leaves a
+`summary.json` (completed or failed) and a finished W&B run behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from lorabench import memory
+from lorabench.backbone import load_backbone
+from lorabench.data import build_task
+from lorabench.errors import ConfigError
+from lorabench.quant import quantize_backbone
+from lorabench.strategies import build_strategy
+from lorabench.strategies.base import Strategy
+from lorabench.tracking import Tracker
+from lorabench.training.pretrain import prepare_backbone
+from lorabench.training.trainer import Trainer
+from lorabench.utils import seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(name: str) -> torch.device:
+    """auto → cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device: 'cuda' asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one job end to end; returns its summary (also written to summary.json)."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    device = pick_device(cfg.trainer.device)
+    memory.reset_peak(device)
+    strategy = build_strategy(cfg.strategy, seed=cfg.seed)
+    tags = [f"strategy:{cfg.strategy.name}", f"seed:{cfg.seed}", f"task:{cfg.task.name}", *strategy.tags()]
+    tracker = Tracker(cfg, run_dir, tags=tags, name=strategy.run_name(cfg.seed))
+    summary: dict[str, Any] = {"status": "running", "strategy": cfg.strategy.name, "seed": cfg.seed}
+    failed = True
+    try:
+        summary.update(_train(cfg, strategy, run_dir, device, tracker))
+        summary["status"] = "completed"
+        failed = False
+        return summary
+    except BaseException as e:
+        summary["status"] = "failed"
+        summary["error"] = f"{type(e).__name__}: {e}"
+        (run_dir / "error.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        tracker.write_summary(summary)
+        tracker.finish(failed)
+
+
+def wrap_model(strategy: Strategy, model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Quantize the backbone to the strategy's base format, then let the strategy wrap it.
+
+    Adapter init depends on the seed only, not on backbone loading; a strategy that fails
+    while wrapping is reported in one line naming it.
+    """
+    fmt = strategy.base_format()
+    if fmt is not None:
+        quantize_backbone(model, fmt)
+    seed_everything(seed)
+    try:
+        return strategy.wrap(model)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"strategy.name: strategy '{strategy.cfg.name}' failed in wrap: {type(e).__name__}: {e}") from e
+
+
+def _train(cfg: DictConfig, strategy: Strategy, run_dir: Path, device: torch.device, tracker: Tracker) -> dict[str, Any]:
+    started = time.perf_counter()
+    prepare_backbone(cfg.model, device)
+    seed_everything(cfg.seed)
+    model, tok = load_backbone(cfg.model, cfg.seed, device)
+    model = wrap_model(strategy, model, cfg.seed)
+    model.to(device)
+    data = build_task(cfg.task, tok, cfg.seed)
+    acct = memory.account_model(model)  # logged now; the summary's figures are taken after the first step
+    log.info(
+        "run dir %s | base %d (quantized %d), trainable %d, expected %d B",
+        run_dir, acct.base_params, acct.base_quantized, acct.trainable_params, int(acct.expected_bytes),
+    )
+    trainer = Trainer(
+        model, strategy, data, cfg.optim, cfg.trainer, device, tracker=tracker, run_dir=run_dir,
+        generate=cfg.task.generate, desc=strategy.run_name(cfg.seed), started_at=started,
+    )
+    trainer.setup()
+    final = trainer.fit()
+
+    end: dict[str, Any] = {f"eval/{k}": v for k, v in final.items()}
+    merged = strategy.merged_for_eval(model, run_dir)
+    if merged is not None:
+        end.update({f"eval/{k}_merged": v for k, v in trainer.evaluate(merged).items()})
+        del merged
+    end.update(strategy.final_metrics(model))
+    tracker.log(end, step=trainer.state.step)
+    strategy.save_artifacts(model, run_dir)
+
+    st = trainer.state
+    return {
+        **st.measured,
+        "memory/peak_bytes": memory.peak_bytes(device),
+        **{f"eval/{k}_base": v for k, v in st.base_eval.items()},
+        **end,
+        "train/steps": st.step,
+        "train/tokens": st.tokens,
+        "train/wall_seconds": round(trainer.wall_seconds(), 3),
+        "train/train_seconds": round(st.train_seconds, 3),
+        "train/tokens_per_second": trainer.tokens_per_second(),
+        "task": cfg.task.name,
+        "device": str(device),
+        **{f"strategy/{k}": v for k, v in strategy.identity().items()},
+    }

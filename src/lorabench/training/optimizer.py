@@ -1,0 +1,75 @@
+"""AdamW over a strategy's trainable set, its lr schedule, and in-place optimizer-state surgery.
+
+`prune_moments` is ReLoRA's optimizer reset (docs/relora.md#optimizer-reset); it lives here,
+beside the optimizer whose state it edits, so strategies never reach into AdamW's internals.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from lorabench.training.schedules import build_schedule
+
+
+def build_optimizer(optim_cfg: Any, params: list[nn.Parameter]) -> torch.optim.AdamW:
+    """AdamW over exactly `params` with the `optim.*` settings."""
+    o = optim_cfg
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def build_scheduler(
+    optim_cfg: Any, total_steps: int, optimizer: torch.optim.Optimizer, start_step: int = 0,
+    scale: Callable[[int], float] = lambda step: 1.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The configured schedule times `scale`, for an optimizer created after `start_step` steps.
+
+    LambdaLR counts from 0 at creation, so the multiplier of its k-th step is that of the
+    run's step `start_step + k`: an optimizer rebuilt mid-run continues the schedule where
+    the run is, with no patching of the scheduler's counters.
+    """
+    schedule = build_schedule(optim_cfg, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: schedule(start_step + k) * scale(start_step + k)
+    )
+
+
+@torch.no_grad()
+def prune_moments(
+    optimizer: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    ratio: float,
+    method: str,
+    generator: Optional[torch.Generator] = None,
+) -> float:
+    """Zero `ratio` of each param's exp_avg and exp_avg_sq entries with ONE mask decided on
+    exp_avg_sq (smallest magnitudes, or at random), in place; the step counter is untouched.
+
+    One mask because separate masks keep some m whose v was zeroed, and the next update is
+    then ≈ lr·m/eps (docs/relora.md#optimizer-reset). Returns the fraction of entries zeroed.
+    """
+    zeroed = total = 0
+    for p in params:
+        state = optimizer.state.get(p)
+        if not state or "exp_avg_sq" not in state:
+            continue
+        v, m = state["exp_avg_sq"], state["exp_avg"]
+        n = v.numel()
+        k = int(round(ratio * n))
+        if method == "magnitude":
+            keep = torch.zeros(n, dtype=torch.bool, device=v.device)
+            if n - k > 0:
+                keep[torch.topk(v.abs().flatten(), n - k, sorted=False).indices] = True
+        else:
+            keep = torch.ones(n, dtype=torch.bool, device=v.device)
+            if k > 0:
+                perm = torch.randperm(n, generator=generator, device="cpu").to(v.device)
+                keep[perm[:k]] = False
+        keep = keep.view_as(v)
+        v.mul_(keep)
+        m.mul_(keep)
+        zeroed += int((~keep).sum())
+        total += n
+    return zeroed / total if total else 0.0
