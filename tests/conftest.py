@@ -1,42 +1,14 @@
-"""Shared fixtures: compose the real conf/ tree with a tiny, fast backbone and task."""
+"""Session fixtures: an isolated cache dir and quiet, single-threaded torch for every test.
+
+Helpers (tiny models, configs, jobs, trainers) live in tests/helpers.py.
+"""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from lorabench.checks import register_configs, validate
-
-REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
-
-# A 2-layer, 64-wide Llama with a random init and a small task: a run takes seconds.
-TINY = [
-    "model.hidden_size=64",
-    "model.intermediate_size=128",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.pretrain_steps=0",
-    "task.train_size=256",
-    "task.eval_size=16",
-    "task.difficulty_min=3",
-    "task.difficulty_max=5",
-    "trainer.max_steps=6",
-    "trainer.batch_size=8",
-    "trainer.eval_every=0",
-    "trainer.checkpoint_every=0",
-    "trainer.progress=false",
-    "trainer.log_every=1",
-    "trainer.device=cpu",
-    "logger=none",
-]
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -44,50 +16,3 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["LORABENCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     os.environ["WANDB_SILENT"] = "true"
     torch.set_num_threads(1)  # tiny models gain nothing from a second thread
-
-
-def tiny_llama(
-    seed: int = 0, hidden: int = 64, inter: int = 128, layers: int = 2, *,
-    vocab: int = 48, heads: int = 4, max_pos: int = 64, tie: bool = False,
-) -> LlamaForCausalLM:
-    """A seeded random Llama small enough for unit tests (built from a config: no hub)."""
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_pos,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(cfg)
-
-
-def build_on_tiny(name: str, **keys: Any) -> tuple[Any, LlamaForCausalLM]:
-    """(strategy, wrapped model) in the trainer's order: base_format → quantize → seed → wrap."""
-    from lorabench.quant import quantize_backbone
-    from lorabench.strategies import build_strategy
-
-    strategy = build_strategy({"name": name, "lr": 1e-2, "rank": 4, "alpha": 8.0, **keys}, seed=0)
-    model = tiny_llama()
-    fmt = strategy.base_format()
-    if fmt is not None:
-        quantize_backbone(model, fmt)
-    torch.manual_seed(1)
-    return strategy, strategy.wrap(model)
-
-
-def compose_cfg(*overrides: str) -> DictConfig:
-    """The real config tree with `overrides`, as `lorabench <overrides>` would see it."""
-    register_configs()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
-
-
-def run_tiny(run_dir: Path, *overrides: str) -> dict[str, Any]:
-    """Validate and train a tiny job into `run_dir`; returns its summary."""
-    from lorabench.training import job
-
-    cfg = compose_cfg(*TINY, *overrides)
-    with open_dict(cfg):
-        cfg.run_dir = str(run_dir)
-    validate(cfg)
-    return job.run(cfg)

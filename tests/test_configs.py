@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from lorabench.checks import validate
 from lorabench.errors import ConfigError
 from lorabench.strategies import available
-from tests.conftest import CONF, compose_cfg
+from tests.helpers import CONF, compose_cfg
 
 GROUPS = ["model", "strategy", "task", "optim", "trainer", "logger"]
 # Options that need a user value (a model dir, a dataset) to validate, and that value.
@@ -65,12 +65,20 @@ def test_wrong_type_fails_at_composition() -> None:
 
 
 def test_strategy_schema_catches_added_keys_and_types() -> None:
-    cfg = compose_cfg("+strategy.rnk=3")
+    """The strategy dataclass is the node's schema: Hydra refuses a wrong type while
+    composing; a key forced in with `+` and a node built without Hydra fail validation."""
+    from hydra.errors import ConfigCompositionException
+
+    from lorabench.strategies.registry import validate_strategy_config
+
+    with pytest.raises(ConfigCompositionException, match="rank"):
+        compose_cfg("strategy.rank=abc")
     with pytest.raises(ConfigError, match=r"strategy\.rnk"):
-        validate(cfg)
-    cfg = compose_cfg("strategy.rank=abc")
+        validate(compose_cfg("+strategy.rnk=3"))
+    with pytest.raises(ConfigError, match=r"strategy\.rnk: .*\(strategy 'lora'\)"):
+        validate_strategy_config({"name": "lora", "rnk": 3})
     with pytest.raises(ConfigError, match=r"strategy\.rank"):
-        validate(cfg)
+        validate_strategy_config({"name": "lora", "rank": "abc"})
 
 
 @pytest.mark.parametrize(

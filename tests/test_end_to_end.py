@@ -10,7 +10,7 @@ import torch
 
 from lorabench.strategies import available
 from lorabench.wandb_offline import find_offline_runs, read_offline_run
-from tests.conftest import run_tiny
+from tests.helpers import run_tiny
 
 SUMMARY_KEYS = {
     "status", "strategy", "seed", "params/base", "params/base_quantized", "params/trainable",

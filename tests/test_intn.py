@@ -13,7 +13,7 @@ from lorabench.quant.intn import IntNLinear, pack_codes, unpack_codes
 from lorabench.errors import ConfigError
 from lorabench.memory import accounting_for, account_model, storage_bytes
 from lorabench.strategies.base import BaseFormat
-from tests.conftest import tiny_llama as make_llama
+from tests.helpers import tiny_llama as make_llama
 
 
 def tiny_llama(seed: int = 0, tie: bool = False) -> LlamaForCausalLM:

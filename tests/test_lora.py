@@ -11,7 +11,7 @@ from transformers import LlamaForCausalLM
 
 from lorabench.adapters.lora import LoRALinear, inject_lora, lora_layers, merge_and_unload
 from lorabench.errors import ConfigError
-from tests.conftest import tiny_llama as make_llama
+from tests.helpers import tiny_llama as make_llama
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:

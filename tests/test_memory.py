@@ -7,7 +7,7 @@ from transformers import LlamaForCausalLM
 
 from lorabench import memory
 from lorabench.adapters.lora import inject_lora
-from tests.conftest import tiny_llama as make_llama
+from tests.helpers import tiny_llama as make_llama
 
 
 def model() -> LlamaForCausalLM:

@@ -16,7 +16,7 @@ from transformers import LlamaForCausalLM
 from lorabench.quant import bnb4bit, quantize_backbone
 from lorabench.memory import account_model, measured_bytes, peak_bytes, reset_peak
 from lorabench.strategies import build_strategy
-from tests.conftest import tiny_llama as make_llama
+from tests.helpers import tiny_llama as make_llama
 
 
 def tiny_llama(device: str = "cpu") -> LlamaForCausalLM:

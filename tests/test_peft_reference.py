@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lorabench.quant import bnb4bit
-from tests.conftest import build_on_tiny
+from tests.helpers import build_on_tiny
 
 TOL = 1e-6
 
@@ -40,7 +40,7 @@ def run(name: str, steps: int = 25, init_from: nn.Module | None = None, **keys):
 
     `init_from`: copy that model's adapter weights in before training.
     """
-    strategy, model = build_on_tiny(name, **keys)
+    strategy, model = build_on_tiny(name, **{"rank": 4, "alpha": 8.0, **keys})
     if init_from is not None:
         src = adapter_weights(init_from)
         with torch.no_grad():

@@ -8,7 +8,8 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from lorabench.adapters.lora import inject_lora
-from lorabench.adapters.qalora import QALoRALinear, inject_qalora, merge_qalora_and_unload, qalora_layers
+from lorabench.adapters.lora import LoRALinear, merge_and_unload
+from lorabench.adapters.qalora import QALoRAVariant, inject_qalora, qalora_layers
 from lorabench.quant import quantize_backbone
 from lorabench.quant.intn import IntNLinear
 from lorabench.errors import ConfigError
@@ -21,7 +22,7 @@ from lorabench.param_count import (
 )
 from lorabench.strategies import build_strategy
 from lorabench.strategies.base import BaseFormat
-from tests.conftest import tiny_llama as make_llama
+from tests.helpers import tiny_llama as make_llama
 
 
 def tiny_llama(seed: int = 0, tie: bool = False) -> LlamaForCausalLM:
@@ -43,13 +44,18 @@ def randomize_adapters(model: nn.Module, seed: int = 1) -> None:
             m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=gen) * 0.05)
 
 
+def qalora_linear(base: IntNLinear, rank: int, alpha: float, pooling: str = "sum", group_size=None, name: str = "layer") -> LoRALinear:
+    """One pooled LoRA layer over an INT-N base (the QA-LoRA variant of the LoRA layer)."""
+    return LoRALinear(base, rank, alpha, variant=QALoRAVariant(base, pooling, group_size, name))
+
+
 def intn_layer(g: int = 32, bits: int = 4, in_f: int = 96, out_f: int = 40) -> IntNLinear:
     torch.manual_seed(0)
     return IntNLinear.from_linear(nn.Linear(in_f, out_f, bias=False), bits, g)
 
 
 def test_shapes() -> None:
-    layer = QALoRALinear(intn_layer(g=32, in_f=96, out_f=40), rank=4, alpha=8, pooling="mean")
+    layer = qalora_linear(intn_layer(g=32, in_f=96, out_f=40), rank=4, alpha=8, pooling="mean")
     assert layer.lora_A.weight.shape == (4, 3) and layer.lora_B.weight.shape == (40, 4)
     assert layer.lora_A.weight.dtype == torch.float32 and bool((layer.lora_B.weight == 0).all())
     assert layer.lora_A.weight.abs().sum() > 0  # xavier-uniform, not zero (else nothing learns)
@@ -70,7 +76,7 @@ def test_zero_b_output_equals_quantized_base_exactly(pooling: str) -> None:
 @pytest.mark.parametrize("pooling,factor", [("mean", 1 / 32), ("sum", 1.0)])
 def test_pooled_adapter_equals_dense_lora_with_repeated_a(pooling: str, factor: float) -> None:
     base = intn_layer(g=32, in_f=96, out_f=40)
-    layer = QALoRALinear(base, rank=4, alpha=12, pooling=pooling)
+    layer = qalora_linear(base, rank=4, alpha=12, pooling=pooling)
     nn.init.normal_(layer.lora_B.weight)
     dense_a = torch.repeat_interleave(layer.lora_A.weight * factor, 32, dim=1)  # A/g for mean
     x = torch.randn(3, 7, 96)
@@ -94,7 +100,7 @@ def test_merge_into_zeros_is_exact(pooling: str, bits: int, g: int) -> None:
     with torch.no_grad():
         base_logits = quantized_llama(bits, g)(ids).logits
         unmerged = model(ids).logits
-        merge_qalora_and_unload(model)
+        merge_and_unload(model)
         merged = model(ids).logits
     assert (unmerged - base_logits).abs().max() > 1e-2  # the update matters, so a wrong factor would show
     assert torch.allclose(merged, unmerged, atol=1e-4, rtol=1e-4)
@@ -117,7 +123,7 @@ def test_refuses_pooling_group_different_from_quantization_group() -> None:
 
 def test_refuses_group_not_dividing_in_features() -> None:
     with pytest.raises(ConfigError, match=r"pooling group 64 does not divide in_features=96 of layer 'proj'"):
-        QALoRALinear(intn_layer(g=32, in_f=96), rank=4, alpha=8, group_size=64, name="proj")
+        qalora_linear(intn_layer(g=32, in_f=96), rank=4, alpha=8, group_size=64, name="proj")
 
 
 def test_refuses_float_base() -> None:
@@ -131,7 +137,7 @@ def test_refuses_float_base() -> None:
         ({"bits": 5}, r"strategy.bits: INT-N supports bits in \[2, 3, 4, 8\], got 5"),
         ({"pooling": "max"}, "strategy.pooling: expected one of"),
         ({"merge": "16bit"}, "strategy.merge: expected one of"),
-        ({"quantizer": "gptq"}, "strategy.quantizer: expected one of"),
+        ({"quantizer": "gptq"}, "strategy.quantizer: unknown INT-N quantizer"),
     ],
 )
 def test_strategy_config_refusals(override: dict, msg: str) -> None:
@@ -222,7 +228,7 @@ def test_training_moves_loss_and_merge_stays_exact(pooling: str) -> None:
     model.eval()
     with torch.no_grad():
         unmerged = model(ids).logits
-        merged = merge_qalora_and_unload(model)(ids).logits
+        merged = merge_and_unload(model)(ids).logits
     assert torch.allclose(merged, unmerged, atol=1e-4, rtol=1e-4)
 
 
@@ -234,7 +240,7 @@ def test_table1_cells_compose_and_validate(cell: str) -> None:
     from omegaconf import OmegaConf
 
     from lorabench.checks import validate
-    from tests.conftest import compose_cfg
+    from tests.helpers import compose_cfg
 
     cfg = compose_cfg("experiment=qalora_table1", f"+experiment/qalora_table1={cell}")
     OmegaConf.resolve(cfg)
@@ -251,7 +257,7 @@ def test_table1_cells_compose_and_validate(cell: str) -> None:
 def test_table1_sweep_lists_every_cell_and_three_seeds() -> None:
     from omegaconf import OmegaConf
 
-    from tests.conftest import CONF
+    from tests.helpers import CONF
 
     exp = OmegaConf.load(CONF / "experiment" / "qalora_table1.yaml")
     params = exp.hydra.sweeper.params

@@ -13,7 +13,7 @@ from lorabench.quant import bnb4bit
 from lorabench.errors import ConfigError
 from lorabench.strategies import build_strategy
 from lorabench.strategies.base import BaseFormat
-from tests.conftest import build_on_tiny, tiny_llama
+from tests.helpers import build_on_tiny, tiny_llama
 
 
 def fixed_batch(n: int = 8, length: int = 24) -> torch.Tensor:
@@ -24,7 +24,7 @@ def fixed_batch(n: int = 8, length: int = 24) -> torch.Tensor:
 
 
 def build(name: str, **keys):
-    return build_on_tiny(name, **keys)
+    return build_on_tiny(name, **{"rank": 4, "alpha": 8.0, **keys})
 
 
 def train(strategy, model, steps: int, lr: float = 1e-2) -> list[float]:
@@ -166,7 +166,7 @@ def test_compute_dtype_the_device_cannot_do(monkeypatch):
 
 def test_trainer_end_to_end_memory_and_exact_merge(tmp_path):
     """Through the real trainer: measured within 1% of expected, merged loss = adapter loss."""
-    from tests.conftest import run_tiny
+    from tests.helpers import run_tiny
 
     s = run_tiny(tmp_path, "strategy=qlora", "strategy.merge=16bit", "trainer.max_steps=8")
     assert s["status"] == "completed"
@@ -183,7 +183,7 @@ def test_cli_bad_quant_type_is_one_line_and_nonzero_exit(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import REPO, TINY
+    from tests.helpers import REPO, TINY
 
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "lorabench", *TINY, f"hydra.run.dir={tmp_path}", "strategy=qlora",

@@ -4,19 +4,19 @@ optimizer reset, merge cadence at the trough of the jagged schedule, and exact r
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from lorabench.adapters.lora import lora_layers
+from lorabench.adapters.lora import LoRALinear, lora_layers
+from lorabench.adapters.relora import ReLoRAVariant
 from lorabench.errors import ConfigError
-from lorabench.training.schedules import build_schedule
-from tests.conftest import tiny_llama as make_llama
 from lorabench.strategies import build_strategy
-from lorabench.strategies.relora import ReLoRALinear, prune_moments
+from lorabench.training.optimizer import prune_moments
+from tests.helpers import tiny_llama as make_llama
+from tests.helpers import tiny_trainer
 
 VOCAB = 32
 
@@ -70,9 +70,9 @@ def test_A_starts_nonzero_so_B_learns_at_the_first_step():
 
 
 # ---- merge and restart ------------------------------------------------------------------------
-def toy_layer(seed: int = 0, in_f: int = 48, out_f: int = 40, rank: int = 4) -> ReLoRALinear:
+def toy_layer(seed: int = 0, in_f: int = 48, out_f: int = 40, rank: int = 4) -> LoRALinear:
     torch.manual_seed(seed)
-    layer = ReLoRALinear(nn.Linear(in_f, out_f, bias=True), rank, alpha=8.0, dropout=0.0, quantized=False)
+    layer = LoRALinear(nn.Linear(in_f, out_f, bias=True), rank, alpha=8.0, variant=ReLoRAVariant(quantized=False))
     with torch.no_grad():
         layer.lora_B.weight.normal_()  # a trained-looking B, so the update is not zero
     return layer
@@ -86,7 +86,7 @@ def test_merge_invariance_and_exact_update():
     w0 = layer.base_layer.weight.detach().clone()
     a_old = layer.lora_A.weight.detach().clone()
     expected = (8.0 / 4) * layer.lora_B.weight.detach() @ layer.lora_A.weight.detach()
-    err, _ = layer.merge_and_restart(torch.Generator().manual_seed(1))
+    err, _ = layer.variant.merge_and_restart(layer, torch.Generator().manual_seed(1))
     torch.testing.assert_close(layer.base_layer.weight - w0, expected, rtol=1e-6, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), y_before, rtol=1e-5, atol=1e-5)
@@ -106,10 +106,10 @@ def test_accumulated_update_rank_exceeds_r():
     for cycle in range(3):
         with torch.no_grad():
             layer.lora_B.weight.normal_()
-        layer.merge_and_restart(gen)
+        layer.variant.merge_and_restart(layer, gen)
     direct = torch.linalg.matrix_rank(layer.base_layer.weight.detach().double() - w_start.double(), rtol=1e-5)
     assert int(direct) == 3 * 4 > layer.rank
-    assert layer.accumulated_update_rank() == 3 * 4
+    assert layer.variant.accumulated_update_rank(layer) == 3 * 4
 
 
 def test_rank_grows_when_training_with_merges():
@@ -175,36 +175,25 @@ def test_optimizer_reset_only_adapters_in_place(method):
                 assert torch.equal(v, others[id(p)][k])  # non-adapter moments untouched
 
 
-# ---- cadence ------------------------------------------------------------------------------------
-def _optim_cfg(every: int, ramp: int = 3):
-    return SimpleNamespace(scheduler="jagged_cosine", warmup_steps=2, min_lr_ratio=0.1, restart_every=every, restart_warmup_steps=ramp)
+# ---- cadence (through the trainer's step API) ------------------------------------------------------
+def _relora_overrides(total: int, warm: int, every: int = 5) -> list[str]:
+    return [
+        "strategy=relora", f"strategy.reset_every={every}", f"strategy.warm_start_steps={warm}",
+        "strategy.restart_warmup_steps=3", "optim.warmup_steps=2", f"trainer.max_steps={total}", "seed=3",
+    ]
 
 
-@pytest.mark.parametrize("total,warm", [(20, 0), (20, 5), (18, 0)])
+@pytest.mark.parametrize("total,warm", [(20, 0), (20, 5), (15, 0)])
 def test_merge_count_and_trough(total, warm):
-    model = tiny_model()
-    s = relora(reset_every=5, warm_start_steps=warm)
-    s.wrap(model)
-    opt = torch.optim.AdamW([p for _, p in s.trainable_parameters(model)], lr=1e-3)
-    sched = build_schedule(_optim_cfg(5), 20)
-    merge_steps = []
-    for step in range(1, total + 1):
-        if step > 1 and s.rebuild_optimizer_at(step - 1):  # as the trainer: arg = steps done
-            assert step - 1 == warm
-            opt = torch.optim.AdamW([p for _, p in s.trainable_parameters(model)], lr=1e-3)
-        loss_of(model, batch(step)).backward()
-        opt.step()
-        opt.zero_grad()
-        for g in opt.param_groups:
-            g["lr"] = 1e-3 * sched(step)  # the trainer steps the schedule before on_step_end
-        before = s.merges
-        m = s.on_step_end(step, model, opt)
-        assert (m["relora/merges"] == s.merges) if m else s.merges == before
-        if s.merges > before:
-            merge_steps.append(step)
-            assert m["relora/lr_after_merge"] == 0.0
-    assert len(merge_steps) == (total - warm) // 5
-    assert all(sched(st) == 0.0 for st in merge_steps)  # the next update is at lr 0: the trough
+    trainer = tiny_trainer(None, *_relora_overrides(total, warm))
+    merges = {}
+    while trainer.state.step < total:
+        metrics = trainer.train_step()
+        if "relora/merges" in metrics:
+            merges[trainer.state.step] = metrics
+    assert sorted(merges) == [s for s in range(1, total + 1) if s > warm and s % 5 == 0]
+    assert [m["relora/merges"] for m in merges.values()] == list(range(1, len(merges) + 1))
+    assert all(m["relora/lr_after_merge"] == 0.0 for m in merges.values())  # the next update is at lr 0: the trough
 
 
 def test_merge_in_model_keeps_outputs():
@@ -236,48 +225,32 @@ def test_bf16_base_trains_and_logs_rounding_error():
     assert m["relora/merges"] == 1 and 0 < m["relora/merge_error_rel"] < 0.1
 
 
-# ---- resume -------------------------------------------------------------------------------------
-def _run(total: int, warm: int, stop_at: int | None = None, state=None, init_seed: int = 0):
-    """A minimal trainer (jagged lr set by hand); returns the model, or the checkpoint at `stop_at`."""
-    model = tiny_model(init_seed)
-    s = relora(seed=3, reset_every=5, warm_start_steps=warm)
-    s.wrap(model)
-    sched = build_schedule(_optim_cfg(5), total)
-    start = 1
-    opt = torch.optim.AdamW([p for _, p in s.trainable_parameters(model)], lr=1e-2)
-    if state is not None:
-        s.load_state_dict(model, state["strategy"])
-        opt = torch.optim.AdamW([p for _, p in s.trainable_parameters(model)], lr=1e-2)
-        opt.load_state_dict(state["opt"])
-        start = state["step"] + 1
-    for step in range(start, total + 1):
-        if step > 1 and s.rebuild_optimizer_at(step - 1):
-            opt = torch.optim.AdamW([p for _, p in s.trainable_parameters(model)], lr=1e-2)
-        for g in opt.param_groups:
-            g["lr"] = 1e-2 * sched(step - 1)
-        loss_of(model, batch(step)).backward()
-        opt.step()
-        opt.zero_grad()
-        for g in opt.param_groups:
-            g["lr"] = 1e-2 * sched(step)
-        s.on_step_end(step, model, opt)
-        if step == stop_at:
-            return {"strategy": s.state_dict(model), "opt": opt.state_dict(), "step": step}
-    return model, s
-
-
+# ---- resume (through the trainer's step API) --------------------------------------------------------
 @pytest.mark.parametrize("warm,stop", [(0, 7), (5, 3), (5, 5), (5, 12)])
-def test_resume_mid_cycle_equals_uninterrupted(warm, stop):
+def test_resume_mid_cycle_equals_uninterrupted(tmp_path, warm, stop):
     """Checkpoints mid-cycle, inside the warm start, exactly at its end, and after merges."""
-    ref, s_ref = _run(20, warm)
-    ckpt = _run(20, warm, stop_at=stop)
-    resumed, s_res = _run(20, warm, state=ckpt, init_seed=1)  # different init: the checkpoint must hold all
-    ref_sd, res_sd = ref.state_dict(), resumed.state_dict()
+    over = _relora_overrides(20, warm)
+    ref = tiny_trainer(None, *over)
+    while ref.state.step < 20:
+        ref.train_step()
+    cut = tiny_trainer(tmp_path, *over)
+    while cut.state.step < stop:
+        cut.train_step()
+    cut.save_checkpoint()
+    resumed = tiny_trainer(tmp_path, *over, setup=False)
+    with torch.no_grad():  # start the resumed model elsewhere: the checkpoint must hold everything
+        for p in resumed.model.parameters():
+            p.add_(0.01)
+    resumed.setup()
+    assert resumed.state.step == stop
+    while resumed.state.step < 20:
+        resumed.train_step()
+    ref_sd, res_sd = ref.model.state_dict(), resumed.model.state_dict()
     assert ref_sd.keys() == res_sd.keys()
     for k in ref_sd:
         torch.testing.assert_close(res_sd[k], ref_sd[k], rtol=0, atol=0, msg=k)
-    assert s_res.merges == s_ref.merges
-    assert s_res.final_metrics(resumed) == s_ref.final_metrics(ref)
+    assert resumed.strategy.merges == ref.strategy.merges == (20 - warm) // 5
+    assert resumed.strategy.final_metrics(resumed.model) == ref.strategy.final_metrics(ref.model)
 
 
 # ---- bad input ----------------------------------------------------------------------------------
@@ -424,7 +397,7 @@ def test_warm_start_runs_at_its_own_lr(tmp_path):
     """lr_scale: the full-rank warm start uses warm_start_lr_ratio × the schedule, then the schedule."""
     import json
 
-    from tests.conftest import run_tiny
+    from tests.helpers import run_tiny
 
     s = relora(warm_start_steps=4, warm_start_lr_ratio=0.25)
     assert [s.lr_scale(k) for k in (0, 3, 4, 9)] == [0.25, 0.25, 1.0, 1.0]

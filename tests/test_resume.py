@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lorabench.tracking import Tracker
-from tests.conftest import run_tiny
+from tests.helpers import run_tiny
 
 RESUMABLE = [
     "trainer.max_steps=12",

@@ -10,7 +10,7 @@ import logging
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -85,8 +85,13 @@ def wrap_model(strategy: Strategy, model: torch.nn.Module, seed: int) -> torch.n
         raise ConfigError(f"strategy.name: strategy '{strategy.cfg.name}' failed in wrap: {type(e).__name__}: {e}") from e
 
 
-def _train(cfg: DictConfig, strategy: Strategy, run_dir: Path, device: torch.device, tracker: Tracker) -> dict[str, Any]:
-    started = time.perf_counter()
+def build_trainer(
+    cfg: DictConfig, device: torch.device, tracker: Optional[Tracker] = None, run_dir: Optional[Path] = None,
+    strategy: Optional[Strategy] = None, started_at: Optional[float] = None,
+) -> Trainer:
+    """Backbone (+ quant) → strategy → task → Trainer, in the order that fixes every RNG draw
+    (the trainer is not set up yet: call `setup()`, which also resumes from `run_dir`)."""
+    strategy = strategy or build_strategy(cfg.strategy, seed=cfg.seed)
     prepare_backbone(cfg.model, device)
     seed_everything(cfg.seed)
     model, tok = load_backbone(cfg.model, cfg.seed, device)
@@ -98,10 +103,15 @@ def _train(cfg: DictConfig, strategy: Strategy, run_dir: Path, device: torch.dev
         "run dir %s | base %d (quantized %d), trainable %d, expected %d B",
         run_dir, acct.base_params, acct.base_quantized, acct.trainable_params, int(acct.expected_bytes),
     )
-    trainer = Trainer(
+    return Trainer(
         model, strategy, data, cfg.optim, cfg.trainer, device, tracker=tracker, run_dir=run_dir,
-        generate=cfg.task.generate, desc=strategy.run_name(cfg.seed), started_at=started,
+        generate=cfg.task.generate, desc=strategy.run_name(cfg.seed), started_at=started_at,
     )
+
+
+def _train(cfg: DictConfig, strategy: Strategy, run_dir: Path, device: torch.device, tracker: Tracker) -> dict[str, Any]:
+    trainer = build_trainer(cfg, device, tracker, run_dir, strategy, started_at=time.perf_counter())
+    model = trainer.model
     trainer.setup()
     final = trainer.fit()
 

@@ -129,9 +129,6 @@ class Trainer:
         """One optimizer step (with its micro-batches); returns the step's metrics."""
         st, tc = self.state, self.cfg
         step = st.step
-        if step > 0 and step in self.strategy.phase_starts():
-            self.start_phase(step)
-            st.measured = {}  # the trainable set changed: measure the new phase's memory
         self.model.train()
         t0 = time.perf_counter()
         loss_sum = 0.0
@@ -159,6 +156,9 @@ class Trainer:
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
         metrics.update(self.strategy.on_step_end(step, self.model, opt))
+        if step in self.strategy.phase_starts():  # the next step belongs to a new phase
+            self.start_phase(step)
+            st.measured = {}  # the trainable set changed: measure the new phase's memory
         return metrics
 
     def memory_figures(self) -> dict[str, Any]:
