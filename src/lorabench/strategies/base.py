@@ -18,6 +18,9 @@ from torch import nn
 
 from lorabench.errors import ConfigError
 from lorabench.quant import BaseFormat
+from lorabench.utils import atomic_torch_save, module_device
+
+FINAL_STATE = "final_state.pt"  # in the run dir: the strategy's state after the last step
 
 __all__ = ["BaseFormat", "Strategy", "StrategyConfig", "check_rank_and_dropout"]
 
@@ -112,7 +115,17 @@ class Strategy(ABC):
         return None
 
     def save_artifacts(self, model: nn.Module, out_dir: Path) -> None:
-        """Write the trained result (adapter, merged weights) into the run dir."""
+        """Write the trained result into the run dir: `final_state.pt` (what `state_dict`
+        holds, exact for every strategy); subclasses add their adapter or merged files."""
+        atomic_torch_save(self.state_dict(model), Path(out_dir) / FINAL_STATE)
+
+    def load_artifacts(self, model: nn.Module, out_dir: Path) -> None:
+        """Put a finished run's result into a freshly wrapped `model` (to score it without training)."""
+        path = Path(out_dir) / FINAL_STATE
+        if not path.exists():
+            raise ConfigError(f"run_dir: {path} does not exist (the run did not complete)")
+        self.apply_phase(model, 10**12)  # the phase a finished run ends in
+        self.load_state_dict(model, torch.load(path, map_location=module_device(model), weights_only=True))
 
     # ---- memory -----------------------------------------------------------------------------------
     def formula_bytes(self, n_base: int, n_trainable: int) -> int:

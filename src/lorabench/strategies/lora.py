@@ -81,6 +81,7 @@ class LoRA(Strategy):
         return list(self.adapted)
 
     def save_artifacts(self, model: nn.Module, out_dir: Path) -> None:
+        super().save_artifacts(model, out_dir)
         save_peft_adapter(model, out_dir / "adapter", self.cfg)
 
 

@@ -99,6 +99,7 @@ class PeftLoRA(LoRA):
 
     def save_artifacts(self, model: nn.Module, out_dir: Path) -> None:
         """PEFT's own writer: adapter_config.json + adapter_model.safetensors."""
+        super().save_artifacts(model, out_dir)
         model.save_pretrained(str(out_dir / "adapter"), save_embedding_layers=False)
 
 

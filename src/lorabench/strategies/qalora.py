@@ -106,6 +106,7 @@ class QALoRA(Strategy):
     def save_artifacts(self, model: nn.Module, out_dir: Path) -> None:
         """The trained pooled adapter (A is r × in/g) and its config; the merged model is
         written by `merged_for_eval`."""
+        super().save_artifacts(model, out_dir)
         c = self.cfg
         config = {
             "r": c.rank,
