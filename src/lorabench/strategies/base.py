@@ -49,6 +49,9 @@ class Strategy(ABC):
     # Config keys that tell runs of this strategy apart at a glance: each gives a W&B tag
     # `key:value` and a run-name part `<prefix><value>` (e.g. {"rank": "r"} → "rank:8", "r8").
     label_keys: ClassVar[dict[str, str]] = {}
+    # Config values under which `merged_for_eval` returns a model equal to the unmerged one
+    # (up to the base's float rounding); empty when the strategy has no such merge.
+    lossless_merge: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, cfg: StrategyConfig, seed: int = 0) -> None:
         self.cfg = cfg

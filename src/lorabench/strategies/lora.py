@@ -51,6 +51,7 @@ class LoRA(Strategy):
     name = "lora"
     config_class = LoRAConfig
     label_keys = {"rank": "r"}
+    lossless_merge = {"merge": "16bit"}
 
     def wrap(self, model: nn.Module) -> nn.Module:
         c = self.cfg
