@@ -15,6 +15,7 @@ bytes (weights + quant_state + grads + AdamW state) and the ratios ours / PEFT.
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 import copy
 import statistics
 import sys
@@ -26,7 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorabench.quant import quantize_backbone
 from lorabench.memory import measured_bytes
-from lorabench.strategies import build_strategy
+from lorabench.strategies import build_strategy, strategy_class
 
 PAIRS = [("lora", "peft_lora"), ("qlora", "peft_qlora")]
 
@@ -54,8 +55,9 @@ def build(
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """Quantize (if the strategy asks) and wrap a copy of `base`; return model and optimizer."""
     node = {"name": name, "rank": args.rank, "alpha": 2.0 * args.rank, "target_modules": "all-linear"}
-    if "qlora" in name:
-        node.update(quant_type="nf4", double_quant=True, blocksize=64, compute_dtype=args.compute_dtype)
+    keys = {f.name for f in fields(strategy_class(name).config_class)}
+    if "compute_dtype" in keys:  # strategies over a quantized base: the 4-bit matmul dtype asked for
+        node["compute_dtype"] = args.compute_dtype
     strategy = build_strategy(node, seed=0)
     model = copy.deepcopy(base)
     fmt = strategy.base_format()

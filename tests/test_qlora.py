@@ -77,7 +77,7 @@ def test_quantizer_replaces_only_targeted_linears_without_drawing_rng():
     for name in names:
         layer = model.get_submodule(name)
         assert isinstance(layer, bnb.nn.Linear4bit)
-        assert layer.support_avx512bf16_for_cpu is False  # DESIGN.md §6 fix
+        assert layer.support_avx512bf16_for_cpu is False  # docs/qlora.md#bitsandbytes-on-cpu
         assert layer.weight.quant_state.quant_type == "nf4" and layer.weight.quant_state.nested
     assert type(model.lm_head) is nn.Linear and torch.equal(model.lm_head.weight, ref.lm_head.weight)
     assert torch.equal(model.model.embed_tokens.weight, ref.model.embed_tokens.weight)
@@ -95,7 +95,7 @@ def test_quantizer_replaces_only_targeted_linears_without_drawing_rng():
 
 @pytest.mark.parametrize("compute_dtype", ["fp32", "bf16"])
 def test_eval_then_train_loss_falls_and_16bit_merge_is_exact(compute_dtype):
-    """DESIGN.md §6: an eval-mode no-grad forward first, then training must still work."""
+    """docs/qlora.md#bitsandbytes-on-cpu: an eval-mode no-grad forward first, then training must still work."""
     strategy, model = build("qlora", compute_dtype=compute_dtype)
     eval_pass(model)
     for _, layer in bnb4bit.linear4bit_layers(model):

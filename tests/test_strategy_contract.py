@@ -5,6 +5,7 @@ strategy's own keys. A new strategy file is picked up here with no edit."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -92,11 +93,26 @@ def test_resume_mid_run_is_bit_exact(name: str, tmp_path: Path) -> None:
     assert all(torch.equal(ref_sd[k], res_sd[k]) for k in ref_sd)
 
 
+SUMMARY_KEYS = {
+    "status", "strategy", "seed", "params/base", "params/base_quantized", "params/trainable",
+    "memory/formula_bytes", "memory/expected_bytes", "memory/measured_bytes", "memory/peak_bytes",
+    "eval/accuracy_base", "eval/accuracy", "eval/loss", "train/tokens_per_second", "train/steps",
+    "train/wall_seconds",
+}
+
+
 @pytest.mark.parametrize("name", STRATEGIES)
-def test_summary_holds_the_strategy_keys(name: str, tmp_path: Path) -> None:
-    summary = run_tiny(tmp_path, *overrides(name, "task.eval_size=4"))
+def test_job_end_to_end_and_summary_holds_the_strategy_keys(name: str, tmp_path: Path) -> None:
+    summary = run_tiny(tmp_path, *overrides(name))
+    assert SUMMARY_KEYS <= set(summary)
     strategy = build_strategy({"name": name})
     for key, value in strategy.identity().items():
         assert summary[f"strategy/{key}"] == value, key
-    assert summary["status"] == "completed" and summary["strategy"] == name
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["status"] == "completed" and on_disk["strategy"] == name and on_disk["train/steps"] == STEPS
+    assert on_disk["params/trainable"] > 0 and on_disk["memory/measured_bytes"] > 0
+    assert on_disk["eval/loss"] < on_disk["eval/loss_base"]  # training lowered the answer loss
+    rows = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 0 and "eval/loss" in rows[0]  # the base score, before training
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, STEPS + 1))
     assert (tmp_path / "final_state.pt").exists()
