@@ -75,3 +75,76 @@ def test_resume_continues_the_same_wandb_run(tmp_path: Path, monkeypatch: pytest
     runs = [read_offline_run(p, wait_for_exit=60) for p in find_offline_runs(tmp_path)]
     assert len(runs) == 2 and {r["run"]["id"] for r in runs} == {first_id}
     assert [r["exit_code"] for r in runs] == [1, 0]  # the interrupted segment was finished as failed
+
+
+# ---- rerun rules: a run dir never mixes two runs nor redoes a finished one ---------------------------
+def _crash_at(monkeypatch: pytest.MonkeyPatch, step: int, exc: BaseException) -> None:
+    from lorabench.training.trainer import Trainer
+
+    real = Trainer.train_step
+
+    def crashing(self: Trainer) -> dict:
+        if self.state.step == step:
+            raise exc
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crashing)
+
+
+def test_a_completed_run_is_not_trained_again(tmp_path: Path) -> None:
+    first = run_tiny(tmp_path, *RESUMABLE)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    again = run_tiny(tmp_path, *RESUMABLE)
+    assert again["already_completed"] and again["eval/loss"] == first["eval/loss"]
+    assert (tmp_path / "metrics.jsonl").read_text() == before  # nothing redone, nothing appended
+    fresh = run_tiny(tmp_path, *RESUMABLE, "trainer.overwrite=true", "seed=1")
+    assert "already_completed" not in fresh and fresh["seed"] == 1
+    steps = [r["step"] for r in _rows(tmp_path) if "train/loss" in r]
+    assert steps == list(range(1, 13))  # the old metrics were cleared first: no duplicate steps
+
+
+def test_resume_under_another_config_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorabench.errors import ConfigError
+
+    _crash_at(monkeypatch, 6, Interrupted("killed"))
+    with pytest.raises(Interrupted):
+        run_tiny(tmp_path, *RESUMABLE)
+    monkeypatch.undo()
+    ckpt = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(ConfigError, match=r"^strategy\.rank: the checkpoint .* strategy\.rank=8, this run has strategy\.rank=4") as e:
+        run_tiny(tmp_path, *RESUMABLE, "strategy.rank=4")
+    assert "\n" not in str(e.value)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == ckpt  # nothing overwritten
+    resumed = run_tiny(tmp_path, *RESUMABLE, "trainer.progress=false")  # a display key may change
+    assert resumed["status"] == "completed"
+
+
+def test_a_torn_checkpoint_is_one_line_and_kept(tmp_path: Path) -> None:
+    from lorabench.errors import ConfigError
+
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 torn")
+    with pytest.raises(ConfigError, match=r"checkpoint.pt: cannot read this checkpoint") as e:
+        run_tiny(tmp_path, *RESUMABLE)
+    assert "\n" not in str(e.value)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == b"PK\x03\x04 torn"
+
+
+def test_ctrl_c_is_interrupted_and_a_completed_resume_leaves_no_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorabench.errors import Interrupted as JobInterrupted
+
+    _crash_at(monkeypatch, 5, RuntimeError("boom"))  # a failure first: error.txt is written
+    with pytest.raises(RuntimeError):
+        run_tiny(tmp_path, *RESUMABLE)
+    assert (tmp_path / "error.txt").exists()
+    monkeypatch.undo()
+    _crash_at(monkeypatch, 9, KeyboardInterrupt())
+    with pytest.raises(JobInterrupted, match=r"^interrupted at step 9; the last checkpoint is step 8 in "):
+        run_tiny(tmp_path, *RESUMABLE)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["step"] == 9
+    monkeypatch.undo()
+    assert run_tiny(tmp_path, *RESUMABLE)["status"] == "completed"
+    assert not (tmp_path / "error.txt").exists()
+    steps = [r["step"] for r in _rows(tmp_path) if "train/loss" in r]
+    assert steps == list(range(1, 13))  # each step once, across three attempts

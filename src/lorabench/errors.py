@@ -6,3 +6,7 @@ class ConfigError(ValueError):
 
     The message must name the bad key (or file) and say what was expected.
     """
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a job: carries the one line that says where the run stopped and how to resume."""

@@ -18,11 +18,12 @@ from omegaconf import DictConfig
 from lorabench import memory
 from lorabench.backbone import load_backbone
 from lorabench.data import build_task
-from lorabench.errors import ConfigError
+from lorabench.errors import ConfigError, Interrupted
 from lorabench.quant import quantize_backbone
 from lorabench.strategies import build_strategy
 from lorabench.strategies.base import Strategy
 from lorabench.tracking import Tracker
+from lorabench.training import run_dir as run_dir_rules
 from lorabench.training.pretrain import prepare_backbone
 from lorabench.training.trainer import Trainer
 from lorabench.utils import seed_everything
@@ -40,9 +41,20 @@ def pick_device(name: str) -> torch.device:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run one job end to end; returns its summary (also written to summary.json)."""
+    """Run one job end to end; returns its summary (also written to summary.json).
+
+    A run dir that holds a completed run is not trained again (its summary is returned);
+    `trainer.overwrite=true` clears it first. Ctrl-C ends the job as `interrupted` and raises
+    `Interrupted` with the line that says how to resume.
+    """
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.trainer.get("overwrite", False):
+        run_dir_rules.clear(run_dir)
+    done = run_dir_rules.completed_summary(run_dir)
+    if done is not None:
+        log.info("%s holds a completed run; not training it again (trainer.overwrite=true starts afresh)", run_dir)
+        return {**done, "already_completed": True}
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     device = pick_device(cfg.trainer.device)
@@ -51,12 +63,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tags = [f"strategy:{cfg.strategy.name}", f"seed:{cfg.seed}", f"task:{cfg.task.name}", *strategy.tags()]
     tracker = Tracker(cfg, run_dir, tags=tags, name=strategy.run_name(cfg.seed))
     summary: dict[str, Any] = {"status": "running", "strategy": cfg.strategy.name, "seed": cfg.seed}
+    holder: dict[str, Trainer] = {}
     failed = True
     try:
-        summary.update(_train(cfg, strategy, run_dir, device, tracker))
+        summary.update(_train(cfg, strategy, run_dir, device, tracker, holder))
         summary["status"] = "completed"
+        (run_dir / "error.txt").unlink(missing_ok=True)  # an earlier attempt's error is history now
         failed = False
         return summary
+    except KeyboardInterrupt:
+        trainer = holder.get("trainer")
+        step = trainer.state.step if trainer else 0
+        last = trainer.last_checkpoint if trainer else None
+        summary.update(status="interrupted", error=f"interrupted at step {step}", step=step)
+        where = f"the last checkpoint is step {last} in {run_dir}" if last else "no checkpoint was written yet"
+        raise Interrupted(f"interrupted at step {step}; {where}") from None
     except BaseException as e:
         summary["status"] = "failed"
         summary["error"] = f"{type(e).__name__}: {e}"
@@ -106,11 +127,16 @@ def build_trainer(
     return Trainer(
         model, strategy, data, cfg.optim, cfg.trainer, device, tracker=tracker, run_dir=run_dir,
         generate=cfg.task.generate, desc=strategy.run_name(cfg.seed), started_at=started_at,
+        config=run_dir_rules.config_record(cfg),
     )
 
 
-def _train(cfg: DictConfig, strategy: Strategy, run_dir: Path, device: torch.device, tracker: Tracker) -> dict[str, Any]:
+def _train(
+    cfg: DictConfig, strategy: Strategy, run_dir: Path, device: torch.device, tracker: Tracker,
+    holder: dict[str, Trainer],
+) -> dict[str, Any]:
     trainer = build_trainer(cfg, device, tracker, run_dir, strategy, started_at=time.perf_counter())
+    holder["trainer"] = trainer  # so an interruption can say which step it reached
     model = trainer.model
     trainer.setup()
     final = trainer.fit()

@@ -23,9 +23,11 @@ from tqdm.auto import tqdm
 
 from lorabench import memory
 from lorabench.data.tasks import TaskData
+from lorabench.errors import ConfigError
 from lorabench.evaluate import evaluate
 from lorabench.strategies.base import Strategy
 from lorabench.training.optimizer import build_optimizer, build_scheduler
+from lorabench.training.run_dir import check_same_config
 from lorabench.utils import atomic_torch_save
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class Trainer:
         generate: bool = True,
         desc: str = "",
         started_at: Optional[float] = None,
+        config: Optional[dict[str, Any]] = None,
     ) -> None:
         self.model = model
         self.strategy = strategy
@@ -71,6 +74,8 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.generate = generate
         self.desc = desc
+        self.config = config  # the resolved config a checkpoint records and a resume must match
+        self.last_checkpoint: Optional[int] = None  # step of the newest checkpoint in the run dir
         self.state = TrainState()
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler: Optional[torch.optim.lr_scheduler.LambdaLR] = None
@@ -108,7 +113,14 @@ class Trainer:
         path = self.checkpoint_path
         if path is None or not path.exists():
             return False
-        ckpt = torch.load(path, map_location=self.device, weights_only=True)
+        try:
+            ckpt = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as e:  # a torn or foreign file: say so, overwrite nothing
+            raise ConfigError(
+                f"{path}: cannot read this checkpoint ({type(e).__name__}); move it away or set trainer.overwrite=true"
+            ) from None
+        if self.config is not None and "config" in ckpt:
+            check_same_config(ckpt["config"], self.config, path)
         self.state = TrainState(**ckpt["state"])
         self.strategy.apply_phase(self.model, self.state.step)
         self.strategy.load_state_dict(self.model, ckpt["strategy"])
@@ -119,6 +131,7 @@ class Trainer:
         if self.device.type == "cuda" and "cuda_rng" in ckpt:
             torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu())
         self._wall_start = time.perf_counter()
+        self.last_checkpoint = self.state.step
         if self.tracker is not None:
             self.tracker.truncate_after(self.state.step)
         log.info("resumed from %s at step %d", path, self.state.step)
@@ -191,9 +204,12 @@ class Trainer:
             "rng": torch.get_rng_state(),
             "state": asdict(st),
         }
+        if self.config is not None:
+            ckpt["config"] = self.config
         if self.device.type == "cuda":
             ckpt["cuda_rng"] = torch.cuda.get_rng_state()
         atomic_torch_save(ckpt, self.checkpoint_path)
+        self.last_checkpoint = st.step
 
     # ---- fit ------------------------------------------------------------------------------------
     def _log(self, metrics: dict[str, Any], step: int) -> None:
