@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from lorabench import memory
 from lorabench.adapters.lora import LoRALinear
 from lorabench.quant import quantize_backbone
 from lorabench.quant import bnb4bit
@@ -214,3 +215,31 @@ def test_dequantize_reads_through_a_cpu_repack():
     # is exact up to that rounding: close, not garbage (why our layers never repack)
     after = bnb4bit.dequantized_weight(layer)
     assert torch.allclose(after, before, rtol=2**-7, atol=0.0)
+
+
+# ---- the quantized set is the backbone, not the adapter targets ------------------------------------
+@pytest.mark.parametrize("name", ["qlora", "peft_qlora"])
+def test_quantized_set_is_every_decoder_linear_whatever_the_targets(name: str, tmp_path) -> None:
+    from lorabench.surgery import find_target_linears
+
+    strategy, model = build(name, target_modules=["q_proj", "v_proj"])
+    linear4 = {n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"}
+    plain = tiny_llama()
+    decoder = set(find_target_linears(plain, "all-linear"))
+    # PEFT nests the base layer as `<name>.base_layer`; ours as `<name>.base_layer` too
+    assert {n.removesuffix(".base_layer").removeprefix("base_model.model.") for n in linear4} == decoder
+    assert type(model.get_submodule("lm_head") if name == "qlora" else model.get_base_model().lm_head).__name__ == "Linear"
+    acct = memory.account_model(model)
+    assert acct.base_quantized == sum(plain.get_submodule(n).weight.numel() for n in decoder)
+    # merging a subset-adapted model still gives a float model, which an INT-N requantization accepts
+    merge_strategy, merge_model = build(name, target_modules=["q_proj", "v_proj"], merge="intn", merge_bits=4)
+    merged = merge_strategy.merged_for_eval(merge_model, tmp_path)
+    assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules())
+
+
+def test_quantize_modules_matching_nothing_is_one_line() -> None:
+    from lorabench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^strategy\.quantize_modules: \['qproj'\] matched no linear layer") as e:
+        build("qlora", quantize_modules=["qproj"])
+    assert "\n" not in str(e.value)

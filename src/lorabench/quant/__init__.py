@@ -32,6 +32,7 @@ class BaseFormat:
     method: str
     target_modules: Any = "all-linear"
     options: dict[str, Any] = field(default_factory=dict)
+    key: str = "strategy.quantize_modules"  # the config key that chose target_modules, for errors
 
     @property
     def bits_per_weight(self) -> float:
@@ -44,11 +45,11 @@ def register_quantizer(method: str) -> Callable[[Quantizer], Quantizer]:
     return QUANTIZERS.register(method)
 
 
-def quantize_backbone(model: nn.Module, fmt: BaseFormat, key: str = "strategy.target_modules") -> list[str]:
+def quantize_backbone(model: nn.Module, fmt: BaseFormat) -> list[str]:
     """Replace the linears `fmt.target_modules` names with `fmt.method`'s quantized layers."""
     _load_formats()
     quantizer = QUANTIZERS.get(fmt.method)
-    names = find_target_linears(model, fmt.target_modules, key=key)
+    names = find_target_linears(model, fmt.target_modules, key=fmt.key)
     quantizer(model, names, **fmt.options)
     return names
 

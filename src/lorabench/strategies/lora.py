@@ -26,7 +26,8 @@ class LoRAConfig(StrategyConfig):
     alpha: float = 16.0  # α: the update is scaled by α/r
     dropout: float = 0.0  # dropout on the adapter input only
     rslora: bool = False  # scale by α/√r instead of α/r (rank-stabilised LoRA)
-    target_modules: Any = "all-linear"  # 'all-linear' or a list of module names (q_proj, ...)
+    target_modules: Any = "all-linear"  # linears that get adapters: 'all-linear' or a list of module names (q_proj, ...)
+    quantize_modules: Any = "all-linear"  # linears quantized (4-bit base; merge=intn): the whole decoder, as the papers do
     merge: str = "none"  # none | 16bit | intn: also score the merged model (intn: merged, then RTN INT-N)
     merge_bits: int = 4  # merge=intn: bits of the post-merge RTN quantization
     merge_group_size: int = 32  # merge=intn: group size along in_features of that quantization
@@ -71,15 +72,11 @@ class LoRA(Strategy):
         if self.cfg.merge == "intn":
             fmt = BaseFormat(
                 "intn",
-                self.adapted_names_suffixes(),
+                self.cfg.quantize_modules,
                 {"bits": self.cfg.merge_bits, "group_size": self.cfg.merge_group_size},
             )
             quantize_backbone(merged, fmt)
         return merged
-
-    def adapted_names_suffixes(self) -> list[str]:
-        """The exact module names that were adapted (to requantize the same layers)."""
-        return list(self.adapted)
 
     def save_artifacts(self, model: nn.Module, out_dir: Path) -> None:
         super().save_artifacts(model, out_dir)

@@ -95,7 +95,7 @@ class PeftLoRA(LoRA):
                 w = lin.weight
                 w.copy_((w.float() + layer.get_delta_weight(ADAPTER).float()).to(w.dtype))
                 replace_module(inner, name, lin)
-        return inner
+        return bnb4bit.dequantize_model(inner)  # quantized linears without an adapter too: all float
 
     def save_artifacts(self, model: nn.Module, out_dir: Path) -> None:
         """PEFT's own writer: adapter_config.json + adapter_model.safetensors."""

@@ -38,7 +38,7 @@ class QLoRAConfig(LoRAConfig):
         """The backbone format these keys describe (shared with peft_qlora)."""
         return BaseFormat(
             "bnb4bit",
-            self.target_modules,
+            self.quantize_modules,
             {
                 "quant_type": self.quant_type,
                 "double_quant": self.double_quant,
@@ -70,13 +70,14 @@ class QLoRA(LoRA):
         for _, layer in lora_layers(merged):
             if isinstance(layer.base_layer, bnb4bit.bnb.nn.Linear4bit):
                 layer.base_layer = bnb4bit.dequantize_linear4bit(layer.base_layer)
-        return merge_and_unload(merged)
+        # the quantized linears without an adapter (quantize_modules ⊋ target_modules) too: all float
+        return bnb4bit.dequantize_model(merge_and_unload(merged))
 
     def merge_to_4bit(self, model: nn.Module) -> nn.Module:
-        """Merge into 16-bit, then requantize every adapted layer to the base's format (lossy)."""
+        """Merge into 16-bit, then requantize the quantized set to the base's format (lossy)."""
         merged = self.merge_to_16bit(model)
         fmt = self.cfg.bnb_format()
-        quantize_backbone(merged, BaseFormat(fmt.method, self.adapted_names_suffixes(), fmt.options))
+        quantize_backbone(merged, fmt)
         return merged
 
     def merged_for_eval(self, model: nn.Module, out_dir: Path) -> Optional[nn.Module]:
