@@ -25,6 +25,8 @@ def load_runs(roots: list[Path]) -> pd.DataFrame:
     for root in roots:
         for path in sorted(Path(root).rglob("summary.json")):
             row = json.loads(path.read_text())
+            # list-valued config keys (strategy/target_modules, ...) as text, so they can be grouped by
+            row = {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()}
             row["run_dir"] = str(path.parent)
             rows.append(row)
     return pd.DataFrame(rows)
