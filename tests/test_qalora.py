@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -9,10 +12,11 @@ from transformers import LlamaForCausalLM
 
 from lorabench.adapters.lora import inject_lora
 from lorabench.adapters.lora import LoRALinear, merge_and_unload
-from lorabench.adapters.qalora import QALoRAVariant, inject_qalora, qalora_layers
+from lorabench.adapters.qalora import QALoRAVariant, inject_qalora, load_qalora_adapter, qalora_layers
 from lorabench.quant import quantize_backbone
 from lorabench.quant.intn import IntNLinear
 from lorabench.errors import ConfigError
+from lorabench.memory import account_model, accounting_for, storage_bytes
 from lorabench.param_count import (
     LLAMA_7B_SHAPES,
     llama_linear_shapes,
@@ -85,9 +89,26 @@ def test_pooled_adapter_equals_dense_lora_with_repeated_a(pooling: str, factor: 
     assert torch.allclose(layer.delta_weight(), (layer.lora_B.weight @ dense_a) * 3, atol=1e-6)
 
 
+U16 = 2.0**-11  # fp16's unit roundoff: |fp16(v) − v| ≤ U16·|v| for v in fp16's normal range
+
+
+def merged_zeros(layer: LoRALinear) -> torch.Tensor:
+    """z' = z − ΔW/s in fp32, before fp16 rounding."""
+    with torch.no_grad():
+        return layer.base_layer.zero_points() - layer.variant.pooled_delta(layer).t() / layer.base_layer.scales.float()
+
+
+def merge_tolerance(zmax: float, bits: int, logits: torch.Tensor) -> float:
+    """Merged vs unmerged logits. Holding z' in fp16 moves each weight by at most
+    s·U16·|z'|, while a group's weights span s·2^N: a relative weight change of at most
+    U16·max|z'|/2^N. The factor 8 lets that change accumulate through the model's 14
+    INT-N linears (measured: at most 1.4× the relative change)."""
+    return 8 * U16 * zmax / 2**bits * float(logits.abs().max())
+
+
 @pytest.mark.parametrize("pooling", ["mean", "sum"])
-@pytest.mark.parametrize("bits,g", [(3, 32), (2, 16), (4, 64)])
-def test_merge_into_zeros_is_exact(pooling: str, bits: int, g: int) -> None:
+@pytest.mark.parametrize("bits,g", [(3, 32), (2, 16), (4, 64), (8, 32)])
+def test_merge_into_zeros_is_exact_to_fp16_zeros(pooling: str, bits: int, g: int) -> None:
     model = quantized_llama(bits, g)
     inject_qalora(model, "all-linear", rank=4, alpha=12, pooling=pooling)  # α/r = 3, g ≠ 1
     randomize_adapters(model)
@@ -97,21 +118,70 @@ def test_merge_into_zeros_is_exact(pooling: str, bits: int, g: int) -> None:
     s0 = {n: m.base_layer.scales.clone() for n, m in layers.items()}
     w0 = {n: m.base_layer.dequantize() for n, m in layers.items()}
     dw = {n: m.delta_weight() for n, m in layers.items()}
+    z1 = {n: merged_zeros(m) for n, m in layers.items()}
+    zmax = max(float(z.abs().max()) for z in z1.values())
     with torch.no_grad():
         base_logits = quantized_llama(bits, g)(ids).logits
         unmerged = model(ids).logits
-        merge_and_unload(model)
-        merged = model(ids).logits
+        merged_model = merge_and_unload(copy.deepcopy(model))
+        merged = merged_model(ids).logits
     assert (unmerged - base_logits).abs().max() > 1e-2  # the update matters, so a wrong factor would show
-    assert torch.allclose(merged, unmerged, atol=1e-4, rtol=1e-4)
-    assert not qalora_layers(model)
+    assert float((merged - unmerged).abs().max()) <= merge_tolerance(zmax, bits, unmerged)
+    assert not qalora_layers(merged_model)
     for n in layers:
-        m = model.get_submodule(n)
-        assert isinstance(m, IntNLinear)
+        m = merged_model.get_submodule(n)
+        assert isinstance(m, IntNLinear) and m.fractional_zeros and m.zeros.dtype == torch.float16
         assert torch.equal(m.qweight, q0[n]) and torch.equal(m.scales, s0[n])  # bitwise unchanged
+        assert torch.equal(m.zeros, z1[n].half())  # z' computed in fp32, rounded once
         change = (m.dequantize() - w0[n]).view(m.out_features, m.n_groups, g)
         assert torch.allclose(change, change[..., :1].expand_as(change), atol=1e-6)  # constant per cell
-        assert torch.allclose(change.reshape(m.out_features, -1), dw[n], atol=1e-5)
+        # the only error is the fp16 rounding of z': |ΔW_merged − ΔW| ≤ s·U16·|z'| per weight
+        s_el = m.scales.float().t().repeat_interleave(g, 1)
+        bound = s_el * U16 * z1[n].abs().t().repeat_interleave(g, 1)
+        assert bool(((change.reshape(m.out_features, -1) - dw[n]).abs() <= bound + 1e-6).all())
+    # the unmerged model with its base zeros moved by the same fp16 rounding (held in fp32)
+    # computes the merged function: what remains is fp32 rounding only
+    with torch.no_grad():
+        for n, layer in layers.items():
+            base = layer.base_layer
+            base.qzeros, base.zeros = None, base.zero_points() + (z1[n].half().float() - z1[n])
+        assert torch.allclose(model(ids).logits, merged, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_bytes_before_and_after_merge(bits: int) -> None:
+    """Before: codes N/8 B + fp16 scale and N-bit zero per 32 weights; after: fp16 zeros."""
+    model = quantized_llama(bits, 32)
+    inject_qalora(model, "all-linear", rank=4, alpha=8)
+    randomize_adapters(model)
+    n_q = 2 * (4 * 64 * 64 + 3 * 64 * 128)
+
+    def intn_bytes(m: nn.Module) -> tuple[float, int]:
+        layers = [x for x in m.modules() if isinstance(x, IntNLinear)]
+        expected = sum(accounting_for(x)(x).expected_bytes for x in layers)
+        held = storage_bytes(t for x in layers for t in x.buffers())
+        return expected, held
+
+    before = bits / 8 + 2 / 32 + bits / 8 / 32
+    after = bits / 8 + 2 / 32 + 2 / 32
+    assert intn_bytes(model) == (n_q * before, n_q * before)
+    merge_and_unload(model)
+    assert intn_bytes(model) == (n_q * after, n_q * after)
+    acc = account_model(model)
+    assert acc.base_quantized == n_q and acc.expected_bytes == storage_bytes(acc.held_tensors)
+
+
+def test_unmerge_restores_packed_integer_zeros_bitwise() -> None:
+    model = quantized_llama(4, 32)
+    inject_qalora(model, "all-linear", rank=4, alpha=12)
+    randomize_adapters(model)
+    before = {n: m.base_layer.qzeros.clone() for n, m in qalora_layers(model)}
+    for _, m in qalora_layers(model):
+        m.merge()
+        assert m.base_layer.fractional_zeros
+        m.unmerge()
+    for n, m in qalora_layers(model):
+        assert not m.base_layer.fractional_zeros and torch.equal(m.base_layer.qzeros, before[n])
 
 
 def test_refuses_pooling_group_different_from_quantization_group() -> None:
@@ -183,28 +253,80 @@ def test_merged_for_eval_saves_reloads_same_outputs(tmp_path, pooling: str) -> N
     strat.wrap(model)
     randomize_adapters(model)
     ids = torch.randint(0, 50, (3, 10))
+    zmax = max(float(merged_zeros(m).abs().max()) for _, m in qalora_layers(model))
     with torch.no_grad():
         unmerged = model(ids).logits
+        in_memory = strat.merge_to_intn(model)
     merged = strat.merged_for_eval(model, tmp_path)
     for f in ("model.safetensors", "config.json", "intn_config.json"):
         assert (tmp_path / "merged_intn" / f).is_file()
+    meta = json.loads((tmp_path / "merged_intn" / "intn_config.json").read_text())
+    assert {spec["zeros"] for spec in meta["layers"].values()} == {"fp16"}
     assert not qalora_layers(merged) and qalora_layers(model)  # the trained model is untouched
+    for (k, a), (k2, b) in zip(in_memory.state_dict().items(), merged.state_dict().items()):
+        assert k == k2 and a.dtype == b.dtype and torch.equal(a, b)  # the file holds the merge exactly
     with torch.no_grad():
         out = merged(ids).logits
-    assert torch.allclose(out, unmerged, atol=1e-4, rtol=1e-4)
+    assert float((out - unmerged).abs().max()) <= merge_tolerance(zmax, 3, unmerged)
     assert torch.equal(out.argmax(-1), unmerged.argmax(-1))
     for n, layer in qalora_layers(model):
         assert torch.equal(merged.get_submodule(n).qweight, layer.base_layer.qweight)
         assert torch.equal(merged.get_submodule(n).scales, layer.base_layer.scales)
+    # merged/model_bytes: the reloaded merged model's weights (tied embedding once), INT-N state
+    # with fp16 zeros; computed buffers (rotary inv_freq) are not part of the model's size
     fm = strat.final_metrics(model)
-    assert fm["merged/model_bytes"] < fm["merged/model_bytes_16bit"]
+    intn_state = [t for m in merged.modules() if isinstance(m, IntNLinear) for t in m.buffers()]
+    assert fm["merged/model_bytes"] == storage_bytes([*merged.parameters(), *intn_state])
+    packed = sum(l.base_layer.n_groups * (l.out_features // 8) * 3 for _, l in qalora_layers(model))
+    fp16 = sum(2 * l.base_layer.n_groups * l.out_features for _, l in qalora_layers(model))
+    adapters = storage_bytes(p for _, l in qalora_layers(model) for p in (l.lora_A.weight, l.lora_B.weight))
+    unmerged_state = [t for _, l in qalora_layers(model) for t in l.base_layer.buffers()]
+    unmerged_bytes = storage_bytes([*model.parameters(), *unmerged_state]) - adapters
+    assert fm["merged/model_bytes"] == unmerged_bytes - packed + fp16
+    n_logical = sum(p.numel() for p in merged.parameters()) + sum(
+        m.in_features * m.out_features for m in merged.modules() if isinstance(m, IntNLinear))
+    assert fm["merged/model_bytes_16bit"] == 2 * n_logical
+
+
+def test_adapter_is_written_in_its_own_format_and_reloads(tmp_path) -> None:
+    """Not PEFT's `use_qalora` (PEFT pools as mean × in/g): format lorabench-qalora, no
+    peft_type, the equation spelled out; loading the tensors into a fresh wrapped model gives
+    the same logits."""
+    strat = build_strategy({"name": "qalora", "bits": 4, "rank": 4, "alpha": 12, "pooling": "sum"})
+    model = tiny_llama()
+    quantize_backbone(model, strat.base_format())
+    strat.wrap(model)
+    randomize_adapters(model)
     strat.save_artifacts(model, tmp_path)
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "final_state.pt").is_file()  # the base class's artifact is kept
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["format"] == "lorabench-qalora" and "peft_type" not in cfg and "use_qalora" not in cfg
+    assert (cfg["pooling"], cfg["group_size"], cfg["bits"], cfg["r"], cfg["lora_alpha"], cfg["scaling"]) == (
+        "sum", 32, 4, 4, 12.0, 3.0)
+    assert "pool(x)[l] = sum_{i = l*g .. l*g+g-1} x[i]" in cfg["forward"] and "(lora_alpha / r)" in cfg["forward"]
+    assert len(cfg["layers"]) == 14
+    fresh_strat = build_strategy({"name": "qalora", "bits": 4, "rank": 4, "alpha": 12, "pooling": "sum"})
+    fresh = tiny_llama()
+    quantize_backbone(fresh, fresh_strat.base_format())
+    fresh_strat.wrap(fresh)
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        assert not torch.allclose(fresh(ids).logits, model(ids).logits)
+        load_qalora_adapter(fresh, tmp_path / "adapter")
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+    # an adapter trained with another pooling is refused, in one line naming the file
+    mean_strat = build_strategy({"name": "qalora", "bits": 4, "rank": 4, "alpha": 12, "pooling": "mean"})
+    other = tiny_llama()
+    quantize_backbone(other, mean_strat.base_format())
+    mean_strat.wrap(other)
+    with pytest.raises(ConfigError, match=r"adapter_config.json: pooling is 'sum', layer 'model.layers.0.self_attn.q_proj' has 'mean'"):
+        load_qalora_adapter(other, tmp_path / "adapter")
 
 
 def test_merge_none_returns_none(tmp_path) -> None:
     strat = build_strategy({"name": "qalora", "merge": "none"})
     assert strat.merged_for_eval(nn.Linear(2, 2), tmp_path) is None
+    assert strat.final_metrics(nn.Linear(2, 2)) == {}  # no merged model: no merged bytes
 
 
 @pytest.mark.parametrize("pooling", ["mean", "sum"])
@@ -228,8 +350,9 @@ def test_training_moves_loss_and_merge_stays_exact(pooling: str) -> None:
     model.eval()
     with torch.no_grad():
         unmerged = model(ids).logits
+        zmax = max(float(merged_zeros(m).abs().max()) for _, m in qalora_layers(model))
         merged = merge_and_unload(model)(ids).logits
-    assert torch.allclose(merged, unmerged, atol=1e-4, rtol=1e-4)
+    assert float((merged - unmerged).abs().max()) <= merge_tolerance(zmax, 4, unmerged)
 
 
 TABLE1_CELLS = ["qalora_int4", "qalora_int3", "qalora_int2", "qlora_intn4", "qlora_intn3", "qlora_intn2", "qlora_16bit"]

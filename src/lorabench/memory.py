@@ -11,10 +11,11 @@ and their constants live outside `named_parameters()` (quant_state).
 
 from __future__ import annotations
 
-import resource
 import sys
+import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -56,11 +57,26 @@ class ModelBytes:
     held_tensors: list[torch.Tensor]
 
 
+def tensor_key(t: torch.Tensor) -> tuple:
+    """Identity of the data a tensor shows: its storage, offset, shape and strides (a tied
+    parameter seen from two modules, or the same view taken twice, gives one key). Tensors
+    without real storage (meta, empty) fall back to the Python object's identity."""
+    st = t.untyped_storage()
+    if st.data_ptr() == 0:
+        return ("obj", id(t))
+    return (str(t.device), st.data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+
 def account_model(model: nn.Module) -> ModelBytes:
-    """Walk every module once; count logical parameters, expected bytes and held tensors."""
+    """Walk every module once; count logical parameters, expected bytes and held tensors.
+
+    A parameter or buffer reached from two modules (tied input/output embeddings) is
+    counted once, in the first module that holds it.
+    """
     base = quant = trainable = 0
     expected = 0.0
     held: list[torch.Tensor] = []
+    seen: set[tuple] = set()
     for module in model.modules():
         fn = accounting_for(module)
         if fn is not None:
@@ -69,8 +85,13 @@ def account_model(model: nn.Module) -> ModelBytes:
             quant += lb.quantized_params
             expected += lb.expected_bytes
             held.extend(lb.tensors)
+            seen.update(tensor_key(t) for t in lb.tensors)
             continue
         for p in module.parameters(recurse=False):
+            key = tensor_key(p)
+            if key in seen:
+                continue
+            seen.add(key)
             held.append(p)
             if p.requires_grad:
                 trainable += p.numel()
@@ -80,6 +101,10 @@ def account_model(model: nn.Module) -> ModelBytes:
                 base += p.numel()
                 expected += p.numel() * p.element_size()
         for b in module.buffers(recurse=False):
+            key = tensor_key(b)
+            if key in seen:
+                continue
+            seen.add(key)
             held.append(b)
             expected += b.numel() * b.element_size()
     return ModelBytes(base, quant, trainable, expected, held)
@@ -112,15 +137,113 @@ def measured_bytes(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] 
     return storage_bytes(tensors)
 
 
-def reset_peak(device: torch.device) -> None:
-    """Start the peak counter at job start (CUDA only; CPU peak RSS cannot be reset)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+def model_storages(model: nn.Module) -> set[tuple[str, int]]:
+    """Storage keys of everything the model itself holds (parameters, buffers, quantization
+    state): the tensors `measured_bytes` already counts."""
+    tensors = [*model.parameters(), *model.buffers(), *account_model(model).held_tensors]
+    return {k for k in (storage_key(t) for t in tensors) if k is not None}
 
 
-def peak_bytes(device: torch.device) -> int:
-    """CUDA max allocated on GPU; the process's peak resident set size on CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
+def storage_key(t: torch.Tensor) -> Optional[tuple[str, int]]:
+    """(device, data pointer) of a tensor's storage; None for tensors without data (meta, empty,
+    sparse and other layouts without one storage)."""
+    try:
+        st = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return None if st.data_ptr() == 0 or st.nbytes() == 0 else (str(t.device), st.data_ptr())
+
+
+def activation_bytes(model: nn.Module, step: Callable[[], Any]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while `step()` runs (a
+    forward + backward closure), excluding the model's own parameters, buffers and
+    quantization state (already in the measured bytes).
+
+    Hand-written on `torch.autograd.graph.saved_tensors_hooks` (no library reports this).
+    Each storage counts once however many operations save it or views of it. A storage
+    counts again only after every saved tensor on it has died, i.e. when its address may be
+    reused by a new allocation (a second micro-batch's activations are new storages). The
+    hook keeps no reference, so the step's own memory profile is unchanged. Tensors saved
+    inside `torch.utils.checkpoint` regions go through checkpoint's own hooks and are not
+    seen here (checkpointing saves only the region's inputs, which are).
+    """
+    own = model_storages(model)
+    live: dict[tuple[str, int], int] = {}  # storage -> saved tensor objects still alive on it
+    total = 0
+
+    def release(key: tuple[str, int]) -> None:
+        live[key] -= 1
+        if not live[key]:
+            del live[key]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        key = storage_key(t)
+        if key is None or key in own:
+            return t
+        if key not in live:
+            total += t.untyped_storage().nbytes()
+        live[key] = live.get(key, 0) + 1
+        weakref.finalize(t, release, key)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return total
+
+
+PEAK_RESET: set[str] = set()  # devices whose peak counter this process reset (peak_bytes trusts only these)
+PROC_CLEAR_REFS = Path("/proc/self/clear_refs")  # Linux: writing "5" resets the process's peak RSS (VmHWM)
+PROC_STATUS = Path("/proc/self/status")  # Linux: VmHWM is the peak RSS since start or the last reset
+
+
+def device_key(device: torch.device | str) -> str:
+    """'cpu' or 'cuda:<index>' (a bare 'cuda' names the current device)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
+def reset_peak(device: torch.device | str) -> bool:
+    """Start the peak counter now; False where it cannot be reset (then `peak_bytes` is None).
+
+    CUDA: `torch.cuda.reset_peak_memory_stats`. Linux CPU: write "5" to /proc/self/clear_refs,
+    which sets the process's VmHWM (peak RSS) to its current RSS. Elsewhere (other OS, no
+    permission) the CPU peak cannot be reset and would include earlier jobs of this process.
+    """
+    key = device_key(device)
+    ok = False
+    if key.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(key)
+        ok = True
+    elif key == "cpu" and sys.platform.startswith("linux"):
+        try:
+            PROC_CLEAR_REFS.write_text("5")
+            ok = True
+        except OSError:
+            ok = False
+    if ok:
+        PEAK_RESET.add(key)
+    else:
+        PEAK_RESET.discard(key)
+    return ok
+
+
+def peak_bytes(device: torch.device | str) -> Optional[int]:
+    """Peak bytes since the last successful `reset_peak(device)`: CUDA max allocated, or the
+    process's peak RSS (VmHWM) on Linux CPU. None when no reset succeeded in this process:
+    never a number that could include an earlier job's peak."""
+    key = device_key(device)
+    if key not in PEAK_RESET:
+        return None
+    if key.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated(key))
+    try:
+        for line in PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                value, unit = line.split()[1:3]
+                return int(value) * 1024 if unit == "kB" else None
+    except OSError:
+        return None
+    return None

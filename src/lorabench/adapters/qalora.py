@@ -5,21 +5,27 @@ quantization group, so its update folds into the INT-N base's zero points.
 Algorithm 1) over each group of g consecutive input features, g = the quantization group.
 The update then depends on x only through group aggregates, so its weight change is constant
 inside each (group, output) cell (docs/qalora.md#merge-into-the-zero-points):
-mean: `z' = z − (α/r)(BA)ᵀ / (g·s)`; sum: `z' = z − (α/r)(BA)ᵀ / s`. q and s stay bitwise.
+mean: `z' = z − (α/r)(BA)ᵀ / (g·s)`; sum: `z' = z − (α/r)(BA)ᵀ / s`. q and s stay bitwise;
+z' is held in fp16 (the only rounding the merge adds).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorabench.adapters.lora import LoRALinear, LoraVariant, inject_lora, lora_layers
 from lorabench.errors import ConfigError
 from lorabench.quant.intn import IntNLinear
+from lorabench.utils import atomic_write_text
 
 POOLINGS = ("mean", "sum")
+FP16_EXACT_QUARTER = 1024.0  # below this magnitude fp16 rounds a value by at most 1/4
 
 
 class QALoRAVariant(LoraVariant):
@@ -33,6 +39,7 @@ class QALoRAVariant(LoraVariant):
         self.pooling = pooling
         self.group_size = base_layer.group_size
         self.n_groups = base_layer.in_features // self.group_size
+        self.zeros_were_integer = False  # set by merge: unmerge then restores packed integer zeros
 
     def a_in_features(self, base_layer: nn.Module) -> int:
         return self.n_groups
@@ -56,13 +63,26 @@ class QALoRAVariant(LoraVariant):
         return self.pooled_delta(layer).repeat_interleave(self.group_size, dim=1)
 
     def merge(self, layer: LoRALinear) -> None:
-        """s·(q − z') = s·(q − z) + ΔW gives z' = z − ΔW/s; q and s are not touched."""
+        """s·(q − z') = s·(q − z) + ΔW gives z' = z − ΔW/s; q and s are not touched. z' is
+        fractional, so the base switches to fp16 zero points (computed in fp32, rounded once)."""
         base = layer.base_layer
-        base.zeros.copy_(base.zeros - self.pooled_delta(layer).t() / base.scales)
+        self.zeros_were_integer = not base.fractional_zeros
+        base.set_fractional_zeros(base.zero_points() - self.pooled_delta(layer).t() / base.scales.float())
 
     def unmerge(self, layer: LoRALinear) -> None:
+        """z = z' + ΔW/s. Integer zeros before the merge are restored exactly (packed again)
+        when fp16 held z' to within 1/4 (|z'| < 1024: half an fp16 step is ≤ 1/4 there), so
+        rounding recovers the integers; otherwise z stays fractional (fp16)."""
         base = layer.base_layer
-        base.zeros.copy_(base.zeros + self.pooled_delta(layer).t() / base.scales)
+        held = base.zero_points()
+        z = held + self.pooled_delta(layer).t() / base.scales.float()
+        maxq = (1 << base.bits) - 1
+        zr = z.round()
+        if (self.zeros_were_integer and bool((held.abs() < FP16_EXACT_QUARTER).all())
+                and bool(((zr >= 0) & (zr <= maxq)).all())):
+            base.set_integer_zeros(zr)
+        else:
+            base.set_fractional_zeros(z)
 
 
 def check_pooling_target(layer: nn.Module, group_size: Optional[int], name: str) -> None:
@@ -106,3 +126,86 @@ def inject_qalora(
 def qalora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     """Every pooled (QA-LoRA) layer in the model, in module order."""
     return [(n, m) for n, m in lora_layers(model) if isinstance(m.variant, QALoRAVariant)]
+
+
+# ---- the adapter on disk ----------------------------------------------------------------------
+QALORA_FORMAT = "lorabench-qalora"  # `format` of adapter_config.json: not PEFT's (see FORWARD)
+ADAPTER_CONFIG = "adapter_config.json"  # the config, with the forward equation spelled out
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # `<layer>.lora_A.weight` (r × in/g), `<layer>.lora_B.weight` (out × r)
+POOL_EQUATION = {
+    "sum": "pool(x)[l] = sum_{i = l*g .. l*g+g-1} x[i]",
+    "mean": "pool(x)[l] = (1/g) * sum_{i = l*g .. l*g+g-1} x[i]",
+}
+
+
+def forward_equation(pooling: str) -> str:
+    """The function the saved adapter computes, as text a reader can reimplement."""
+    return (
+        "y = W_q x + (lora_alpha / r) * B (A pool(x)); " + POOL_EQUATION[pooling]
+        + "; g = group_size; W_q[o, i] = scales[i // g, o] * (codes[o, i] - zeros[i // g, o]) "
+        "(INT-N, bits, RTN codes of the base model); lora_dropout applies to x before pooling, in training only"
+    )
+
+
+def save_qalora_adapter(out_dir: Path, layers: list[tuple[str, LoRALinear]], config: dict[str, Any]) -> None:
+    """`adapter_model.safetensors` + `adapter_config.json` in this harness's own format.
+
+    Not PEFT's: PEFT's `use_qalora` pools as mean × (in/g), which is another function than
+    either pooling trained here (docs/qalora.md#pooling), so a PEFT-labelled file would load
+    without error and compute something else. The config has no `peft_type`, so PEFT refuses it.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, layer in layers:
+        tensors[f"{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous().cpu()
+        tensors[f"{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous().cpu()
+    tmp = out_dir / (ADAPTER_WEIGHTS + ".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(out_dir / ADAPTER_WEIGHTS)
+    meta = {
+        "format": QALORA_FORMAT,
+        "forward": forward_equation(config["pooling"]),
+        **config,
+        "layers": [name for name, _ in layers],
+    }
+    atomic_write_text(out_dir / ADAPTER_CONFIG, json.dumps(meta, indent=2))
+
+
+def load_qalora_adapter(model: nn.Module, path: Path) -> None:
+    """Copy a saved adapter into `model`'s (freshly wrapped) QA-LoRA layers, strictly: the
+    format, pooling, group size, rank and scaling must match, and every tensor must be there
+    with its shape; anything else is one ConfigError line naming the file."""
+    path = Path(path)
+    cfg_path = path / ADAPTER_CONFIG
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{cfg_path}: not a readable adapter config ({type(e).__name__})") from e
+    if meta.get("format") != QALORA_FORMAT:
+        raise ConfigError(f"{cfg_path}: format must be '{QALORA_FORMAT}', got {meta.get('format')!r}")
+    layers = dict(qalora_layers(model))
+    if sorted(meta.get("layers", [])) != sorted(layers):
+        raise ConfigError(f"{cfg_path}: layers {meta.get('layers')} differ from the model's {sorted(layers)}")
+    for name, layer in layers.items():
+        want = {"pooling": layer.variant.pooling, "group_size": layer.variant.group_size,
+                "r": layer.rank, "scaling": layer.scaling}
+        for key, value in want.items():
+            if meta.get(key) != value:
+                raise ConfigError(f"{cfg_path}: {key} is {meta.get(key)!r}, layer '{name}' has {value!r}")
+    try:
+        tensors = load_file(str(path / ADAPTER_WEIGHTS))
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise ConfigError(f"{path / ADAPTER_WEIGHTS}: not a readable safetensors file ({type(e).__name__})") from e
+    expected = {f"{n}.lora_{ab}.weight" for n in layers for ab in "AB"}
+    if set(tensors) != expected:
+        raise ConfigError(f"{path / ADAPTER_WEIGHTS}: tensors differ from the model's (missing "
+                          f"{sorted(expected - set(tensors))[:3]}, extra {sorted(set(tensors) - expected)[:3]})")
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for ab, lin in (("A", layer.lora_A), ("B", layer.lora_B)):
+                t = tensors[f"{name}.lora_{ab}.weight"]
+                if t.shape != lin.weight.shape:
+                    raise ConfigError(f"{path / ADAPTER_WEIGHTS}: {name}.lora_{ab}.weight is "
+                                      f"{tuple(t.shape)}, the model's is {tuple(lin.weight.shape)}")
+                lin.weight.copy_(t)

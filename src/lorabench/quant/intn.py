@@ -1,15 +1,22 @@
 """Group-wise asymmetric INT-N weights (QA-LoRA's base format) and the `intn` quantizer.
 
 `W[o, i] = s[l, o] · (q[o, i] − z[l, o])` with `l = i // g`: one scale and one zero point per
-(group of g consecutive input features, output). Codes q ∈ [0, 2^bits − 1] are bit-packed
-(8 codes in `bits` bytes), so the weight costs exactly bits/8 bytes per element. Zero points
-are floats on purpose: QA-LoRA's merge moves them to fractional values (docs/qalora.md#merge-into-the-zero-points).
+(group of g consecutive input features, output). Stored as GPTQ stores it: codes q ∈ [0, 2^N − 1]
+bit-packed (8 codes in N bytes), fp16 scales, and integer zero points packed the same way
+(N bits each): `N + 16/g + N/g` bits per weight. QA-LoRA's merge moves the zero points to
+fractional values; the layer then holds them in fp16 instead (`N + 32/g` bits per weight),
+as the official code does (docs/qalora.md#storage).
+
+The forward is a custom autograd function that saves only the packed state and dequantizes
+again in backward, as bitsandbytes' and GPTQ's kernels do, so no dense float weight lives
+from forward to backward (docs/memory.md#activation-bytes).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -47,16 +54,68 @@ def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Ten
     return q.reshape(out, -1)[:, :in_features].to(torch.uint8)
 
 
+# ---- dequantization and the matmul --------------------------------------------------------------
+@dataclass(frozen=True)
+class IntNShape:
+    """What it takes to unpack a layer's state: widths and group size."""
+
+    in_features: int  # input width (codes per row)
+    out_features: int  # output width (rows; zero points per group)
+    bits: int  # N
+    group_size: int  # g
+
+
+def zero_points(zeros: torch.Tensor, shape: IntNShape) -> torch.Tensor:
+    """(L, out) fp32 zero points from either layout: packed N-bit integers (uint8) or fp16."""
+    if zeros.dtype == torch.uint8:
+        return unpack_codes(zeros, shape.bits, shape.out_features).float()
+    return zeros.float()
+
+
+def dequantize_state(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, shape: IntNShape
+) -> torch.Tensor:
+    """W = s·(q − z), (out, in) fp32, from the packed state."""
+    L = shape.in_features // shape.group_size
+    q = unpack_codes(qweight, shape.bits, shape.in_features).float().view(shape.out_features, L, shape.group_size)
+    z = zero_points(zeros, shape).t().unsqueeze(-1)
+    w = (q - z) * scales.float().t().unsqueeze(-1)
+    return w.reshape(shape.out_features, shape.in_features)
+
+
+class IntNMatmul(torch.autograd.Function):
+    """`x @ Wᵀ` for a frozen INT-N weight. Saves the packed codes, scales and zeros (the
+    layer's own buffers, no new memory) and dequantizes again in backward; computes no
+    gradient for the weight, which never trains."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                zeros: torch.Tensor, shape: IntNShape) -> torch.Tensor:
+        ctx.shape = shape
+        ctx.save_for_backward(qweight, scales, zeros)
+        return x @ dequantize_state(qweight, scales, zeros, shape).to(x.dtype).t()
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        qweight, scales, zeros = ctx.saved_tensors
+        w = dequantize_state(qweight, scales, zeros, ctx.shape).to(grad_out.dtype)
+        return grad_out @ w, None, None, None, None
+
+
 # ---- the layer ----------------------------------------------------------------------------------
 class IntNLinear(nn.Module):
-    """A frozen linear whose weight is group-wise asymmetric INT-N: forward = dequantize + matmul.
+    """A frozen linear whose weight is group-wise asymmetric INT-N.
 
     Hand-written because bitsandbytes has no affine group-wise INT-N format with zero points
     (its 4-bit types are absmax-scaled NF4/FP4 over blocks, its 8-bit one is row-wise absmax),
     and QA-LoRA's merge needs exactly those zero points. Buffers: `qweight` (packed codes,
-    uint8), `scales` and `zeros` (L × out, fp32 so a merged fractional zero stays exact), and
-    an optional float `bias`. Nothing here trains. There is deliberately no `.weight`: code
-    that would write into it (a float LoRA merge) must fail loudly, not update a temporary.
+    uint8, out × ⌈in/8⌉·N), `scales` (L × out, fp16), the zero points either as `qzeros`
+    (packed N-bit integers, uint8, L × ⌈out/8⌉·N) or, once fractional (after a QA-LoRA merge),
+    as `zeros` (L × out, fp16) — exactly one of the two is set — and an optional float `bias`.
+    Nothing here trains. There is deliberately no `.weight`: code that would write into it
+    (a float LoRA merge) must fail loudly, not update a temporary.
     """
 
     is_quantized_linear = True
@@ -70,6 +129,7 @@ class IntNLinear(nn.Module):
         bias: bool = False,
         dtype: torch.dtype = torch.float32,
         device: Optional[torch.device] = None,
+        fractional_zeros: bool = False,
     ) -> None:
         super().__init__()
         check_bits(bits)
@@ -81,12 +141,16 @@ class IntNLinear(nn.Module):
         self.out_features = out_features
         self.bits = bits
         self.group_size = group_size
-        self.compute_dtype = dtype  # dtype of the dequantized weight (the base model's dtype)
+        self.compute_dtype = dtype  # dtype of the bias (the base model's dtype); the matmul runs in x's
         n_groups = in_features // group_size
-        packed_cols = math.ceil(in_features / CODES_PER_CHUNK) * bits
-        self.register_buffer("qweight", torch.zeros(out_features, packed_cols, dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.ones(n_groups, out_features, dtype=torch.float32, device=device))
-        self.register_buffer("zeros", torch.zeros(n_groups, out_features, dtype=torch.float32, device=device))
+        self.register_buffer("qweight", torch.zeros(out_features, packed_width(in_features, bits), dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(n_groups, out_features, dtype=torch.float16, device=device))
+        self.register_buffer("qzeros", None)
+        self.register_buffer("zeros", None)
+        if fractional_zeros:
+            self.zeros = torch.zeros(n_groups, out_features, dtype=torch.float16, device=device)
+        else:
+            self.qzeros = torch.zeros(n_groups, packed_width(out_features, bits), dtype=torch.uint8, device=device)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
@@ -102,7 +166,7 @@ class IntNLinear(nn.Module):
         with torch.no_grad():
             layer.qweight.copy_(pack_codes(q, bits))
             layer.scales.copy_(s)
-            layer.zeros.copy_(z)
+            layer.set_integer_zeros(z)
             if bias is not None:
                 layer.bias.copy_(bias.detach())
         return layer
@@ -111,26 +175,70 @@ class IntNLinear(nn.Module):
     def n_groups(self) -> int:
         return self.in_features // self.group_size
 
+    @property
+    def shape(self) -> IntNShape:
+        return IntNShape(self.in_features, self.out_features, self.bits, self.group_size)
+
+    @property
+    def fractional_zeros(self) -> bool:
+        """True once the zero points are held in fp16 (after a QA-LoRA merge)."""
+        return self.zeros is not None
+
+    def zero_tensor(self) -> torch.Tensor:
+        """The stored zero points, whichever layout holds them."""
+        return self.zeros if self.zeros is not None else self.qzeros
+
+    def zero_points(self) -> torch.Tensor:
+        """z as (L, out) fp32."""
+        return zero_points(self.zero_tensor(), self.shape)
+
+    @torch.no_grad()
+    def set_integer_zeros(self, z: torch.Tensor) -> None:
+        """Hold integer zero points in [0, 2^N − 1] packed N bits each (drops fp16 zeros)."""
+        zf = z.float()
+        maxq = (1 << self.bits) - 1
+        if zf.shape != (self.n_groups, self.out_features) or not bool(
+            ((zf == zf.round()) & (zf >= 0) & (zf <= maxq)).all()
+        ):
+            raise ValueError(f"integer zero points must be ({self.n_groups}, {self.out_features}) integers in [0, {maxq}]")
+        self.qzeros = pack_codes(zf.to(torch.uint8), self.bits).to(self.scales.device)
+        self.zeros = None
+
+    @torch.no_grad()
+    def set_fractional_zeros(self, z: torch.Tensor) -> None:
+        """Hold (fractional) zero points in fp16 (drops the packed integers)."""
+        z16 = z.to(device=self.scales.device, dtype=torch.float16)
+        if z16.shape != (self.n_groups, self.out_features):
+            raise ValueError(f"zero points must be ({self.n_groups}, {self.out_features}), got {tuple(z16.shape)}")
+        if not bool(torch.isfinite(z16).all()):
+            worst = float(z.abs().max())
+            raise ConfigError(f"strategy.merge: a merged zero point reaches {worst:.4g}, beyond fp16's range")
+        self.zeros = z16
+        self.qzeros = None
+
     def codes(self) -> torch.Tensor:
         """The integer codes q, (out, in) uint8."""
         return unpack_codes(self.qweight, self.bits, self.in_features)
 
     def dequantize(self) -> torch.Tensor:
         """W = s·(q − z), (out, in) in fp32."""
-        q = self.codes().float().view(self.out_features, self.n_groups, self.group_size)
-        w = (q - self.zeros.t().unsqueeze(-1)) * self.scales.t().unsqueeze(-1)
-        return w.reshape(self.out_features, self.in_features)
+        return dequantize_state(self.qweight, self.scales, self.zero_tensor(), self.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize().to(x.dtype)
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        return nn.functional.linear(x, w, b)
+        y = IntNMatmul.apply(x, self.qweight, self.scales, self.zero_tensor(), self.shape)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-            f"group_size={self.group_size}, bias={self.bias is not None}"
+            f"group_size={self.group_size}, bias={self.bias is not None}, "
+            f"zeros={'fp16' if self.fractional_zeros else 'packed'}"
         )
+
+
+def packed_width(n: int, bits: int) -> int:
+    """Bytes per row of n packed N-bit values: ⌈n/8⌉ chunks of 8 codes, N bytes each."""
+    return math.ceil(n / CODES_PER_CHUNK) * bits
 
 
 def check_bits(bits: int, key: str = "strategy.bits") -> None:
@@ -170,16 +278,22 @@ def quantize_intn(
 
 
 @register_accounting(IntNLinear)
-def _intn_bytes(m: IntNLinear) -> LayerBytes:
-    """Exact: packed codes (bits/8 per weight, padded to whole 8-code chunks) + fp32 scales and zeros + bias."""
+def intn_layer_bytes(m: IntNLinear) -> LayerBytes:
+    """Exact, from the format: packed codes (N/8 B per weight, rows padded to whole 8-code
+    chunks), fp16 scales (2 B per group and output), zero points packed N bits each
+    (rows of `out` padded the same way) or, once fractional, fp16 (2 B each), and the bias."""
     n = m.in_features * m.out_features
-    code_bytes = m.out_features * math.ceil(m.in_features / CODES_PER_CHUNK) * m.bits
-    const_bytes = 2 * m.n_groups * m.out_features * 4
-    tensors = [m.qweight, m.scales, m.zeros]
+    code_bytes = m.out_features * packed_width(m.in_features, m.bits)
+    scale_bytes = 2 * m.n_groups * m.out_features
+    if m.fractional_zeros:
+        zero_bytes = 2 * m.n_groups * m.out_features
+    else:
+        zero_bytes = m.n_groups * packed_width(m.out_features, m.bits)
+    tensors = [m.qweight, m.scales, m.zero_tensor()]
     bias_bytes = 0
     logical = n
     if m.bias is not None:
         tensors.append(m.bias)
         bias_bytes = m.bias.numel() * m.bias.element_size()
         logical += m.bias.numel()
-    return LayerBytes(logical, n, float(code_bytes + const_bytes + bias_bytes), tensors)
+    return LayerBytes(logical, n, float(code_bytes + scale_bytes + zero_bytes + bias_bytes), tensors)

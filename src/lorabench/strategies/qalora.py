@@ -15,8 +15,7 @@ from typing import Any, Optional
 from torch import nn
 
 from lorabench.adapters.lora import merge_and_unload
-from lorabench.adapters.peft_format import write_peft_adapter
-from lorabench.adapters.qalora import POOLINGS, inject_qalora, qalora_layers
+from lorabench.adapters.qalora import POOLINGS, inject_qalora, qalora_layers, save_qalora_adapter
 from lorabench.errors import ConfigError
 from lorabench.quant import BaseFormat
 from lorabench.quant.code_quantizers import CODE_QUANTIZERS
@@ -26,6 +25,7 @@ from lorabench.strategies.base import Strategy, StrategyConfig, check_rank_and_d
 from lorabench.strategies.registry import register
 
 MERGED_DIR = "merged_intn"  # sub-dir of the run dir holding the merged INT-N model
+ADAPTER_DIR = "adapter"  # sub-dir of the run dir holding the trained adapter (format lorabench-qalora)
 
 
 @dataclass
@@ -95,27 +95,31 @@ class QALoRA(Strategy):
         device = next(iter(merged.buffers())).device
         reloaded = load_intn_model(path, device=device)
         reloaded.train(model.training)
+        self.merged_bytes = intn_model_bytes(reloaded)
         return reloaded
 
     def final_metrics(self, model: nn.Module) -> dict[str, float]:
-        """Bytes of the merged INT-N model (packed codes, scales, zeros, unquantized parts; tied
-        tensors once) vs the same model with every weight in 16-bit. Merging changes no size."""
-        adapters = [p for _, m in qalora_layers(model) for p in (m.lora_A.weight, m.lora_B.weight)]
-        return intn_model_bytes(model, skip=adapters)
+        """Bytes of the merged INT-N model as reloaded from its file (packed codes, fp16 scales,
+        fp16 zeros, unquantized parts; tied tensors once) vs the same model with every weight in
+        16-bit; absent with merge=none. The merge costs bytes: N-bit zeros become fp16."""
+        return dict(getattr(self, "merged_bytes", {}))
 
     def save_artifacts(self, model: nn.Module, out_dir: Path) -> None:
-        """The trained pooled adapter (A is r × in/g) and its config; the merged model is
-        written by `merged_for_eval`."""
+        """`final_state.pt`, and the trained pooled adapter in this harness's own format
+        (`adapter/`, format `lorabench-qalora`, A is r × in/g): not PEFT's `use_qalora`, whose
+        forward pools differently (docs/qalora.md#storage). The merged model is written by
+        `merged_for_eval`."""
         super().save_artifacts(model, out_dir)
         c = self.cfg
+        layers = qalora_layers(model)
         config = {
-            "r": c.rank,
-            "lora_alpha": c.alpha,
-            "lora_dropout": c.dropout,
-            "use_qalora": True,  # PEFT's flag; note PEFT's QA-LoRA pools as mean × (in/g), see `pooling`
-            "qalora_group_size": c.group_size,
             "pooling": c.pooling,
+            "group_size": c.group_size,
             "bits": c.bits,
             "quantizer": c.quantizer,
+            "r": c.rank,
+            "lora_alpha": c.alpha,
+            "scaling": layers[0][1].scaling if layers else c.alpha / c.rank,
+            "lora_dropout": c.dropout,
         }
-        write_peft_adapter(Path(out_dir) / "adapter", qalora_layers(model), config)
+        save_qalora_adapter(Path(out_dir) / ADAPTER_DIR, layers, config)
