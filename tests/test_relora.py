@@ -1,5 +1,6 @@
 """ReLoRA invariants: identity wrap, exact merge-and-restart, high-rank accumulation,
-optimizer reset, merge cadence at the trough of the jagged schedule, and exact resume."""
+optimizer reset (one mask or the official separate masks), merge cadence at the trough of the
+jagged schedule, the warm start's switch at a trough, the paper's defaults, and exact resume."""
 
 from __future__ import annotations
 
@@ -264,6 +265,10 @@ def test_resume_mid_cycle_equals_uninterrupted(tmp_path, warm, stop):
         ({"optimizer_reset": "topk"}, "strategy.optimizer_reset"),
         ({"base": "int3"}, "strategy.base"),
         ({"base": "nf4", "warm_start_steps": 10}, "strategy.warm_start_steps"),
+        ({"warm_start_steps": 15}, "strategy.warm_start_steps"),  # not a multiple of reset_every=10
+        ({"warm_start_steps": 3}, "strategy.warm_start_steps"),
+        ({"reset_masks": "both"}, "strategy.reset_masks"),
+        ({"min_lr_ratio": 1.5}, "strategy.min_lr_ratio"),
     ],
 )
 def test_bad_input_one_line(kw, key):
@@ -399,7 +404,7 @@ def test_warm_start_runs_at_its_own_lr(tmp_path):
 
     from tests.helpers import run_tiny
 
-    s = relora(warm_start_steps=4, warm_start_lr_ratio=0.25)
+    s = relora(warm_start_steps=4, reset_every=2, warm_start_lr_ratio=0.25)
     assert [s.lr_scale(k) for k in (0, 3, 4, 9)] == [0.25, 0.25, 1.0, 1.0]
 
     def lrs(run_dir, ratio):
@@ -411,3 +416,147 @@ def test_warm_start_runs_at_its_own_lr(tmp_path):
     scaled, plain = lrs(tmp_path / "a", 0.5), lrs(tmp_path / "b", 1.0)
     assert scaled[1] == pytest.approx(0.5 * plain[1]) and scaled[2] == pytest.approx(0.5 * plain[2])
     assert [scaled[k] for k in (3, 4, 5, 6)] == pytest.approx([plain[k] for k in (3, 4, 5, 6)])
+
+
+# ---- the warm start's switch is a restart ------------------------------------------------------------
+def test_warm_start_switch_ramps_from_zero_like_a_merge():
+    """train/lr of every update: the switch to low rank (after 4 steps) and the merge (after 8)
+    both drop to 0 and re-warm over restart_warmup_steps; floor 0.1 (ReLoRA's default)."""
+    trainer = tiny_trainer(
+        None, "strategy=relora", "strategy.reset_every=4", "strategy.warm_start_steps=4",
+        "strategy.restart_warmup_steps=2", "strategy.warm_start_lr_ratio=0.5", "optim.warmup_steps=2",
+        "trainer.max_steps=12",
+    )
+    lrs = []
+    while trainer.state.step < 12:
+        lrs.append(trainer.train_step()["train/lr"])  # lrs[s]: the lr of the update after s steps
+    peak = 3e-3  # ReLoRAConfig.lr, optim.lr's default
+
+    def c(t):  # the cosine from 1 at the end of the 2-step warmup to the floor 0.1 at step 12
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (t - 2) / 10))
+
+    warm = [0.5 * 0.5, 0.5 * 1.0, 0.5 * c(2), 0.5 * c(3)]  # warm start at 0.5 × (warmup, cosine)
+    low = [0.0, c(6) / 2, c(6), c(7), 0.0, c(10) / 2, c(10), c(11)]  # switch, ramp, cosine, merge, ramp, cosine
+    assert lrs == pytest.approx([peak * m for m in warm + low], rel=1e-6, abs=1e-12)
+    assert lrs[4] == 0.0 and lrs[8] == 0.0
+    assert trainer.strategy.merges == 2  # after steps 8 and 12
+
+
+# ---- optimizer reset options ---------------------------------------------------------------------
+def _fake_moments(shape=(8, 50), n=3, seed=0):
+    """An AdamW whose moments are independent random values (so m and v order entries differently)."""
+    g = torch.Generator().manual_seed(seed)
+    params = [nn.Parameter(torch.zeros(shape)) for _ in range(n)]
+    opt = torch.optim.AdamW(params)
+    for p in params:
+        opt.state[p] = {
+            "step": torch.tensor(3.0),
+            "exp_avg": torch.randn(shape, generator=g),
+            "exp_avg_sq": torch.rand(shape, generator=g) + 1e-3,
+        }
+    before = {id(p): {k: opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")} for p in params}
+    return opt, params, before
+
+
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+def test_joint_reset_zeroes_exactly_ratio_with_one_mask(method):
+    opt, params, before = _fake_moments()
+    frac = prune_moments(opt, params, 0.99, method, torch.Generator().manual_seed(1), masks="joint")
+    assert frac == 396 / 400  # round(0.99 · 400) entries of each 8×50 tensor
+    for p in params:
+        m, v = opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]
+        assert int((v == 0).sum()) == 396
+        assert torch.equal(m == 0, v == 0)  # one mask: no m survives where v was zeroed
+        if method == "magnitude":
+            kept = before[id(p)]["exp_avg_sq"][v != 0]
+            assert torch.equal(torch.sort(kept).values, torch.sort(before[id(p)]["exp_avg_sq"].flatten()).values[-4:])
+
+
+def test_separate_magnitude_reset_uses_each_moments_own_quantile():
+    import numpy as np
+
+    opt, params, before = _fake_moments()
+    frac = prune_moments(opt, params, 0.99, "magnitude", masks="separate")
+    zeroed = 0
+    for p in params:
+        for key in ("exp_avg", "exp_avg_sq"):
+            x = before[id(p)][key].abs().numpy()
+            expected_zero = x <= np.quantile(x, 0.99)  # numpy's linear quantile, as torch.quantile's
+            got_zero = (opt.state[p][key] == 0).numpy()
+            assert (got_zero == expected_zero).all(), key
+            assert got_zero.sum() == 396  # 400 distinct values: exactly 4 above the 0.99 quantile
+            zeroed += int(got_zero.sum())
+        # separate masks: some entries keep m where v was zeroed
+        m0, v0 = opt.state[p]["exp_avg"] == 0, opt.state[p]["exp_avg_sq"] == 0
+        assert bool((v0 & ~m0).any()) and not torch.equal(m0, v0)
+    assert frac == zeroed / (2 * 3 * 400)
+
+
+def test_separate_random_reset_official_default_ratio():
+    """Official default: random, 0.999, a Bernoulli mask per moment (seeded: a resume draws the same)."""
+    opt, params, _ = _fake_moments(shape=(100, 100), n=1)
+    frac = prune_moments(opt, params, 0.999, "random", torch.Generator().manual_seed(5), masks="separate")
+    st = opt.state[params[0]]
+    m0, v0 = st["exp_avg"] == 0, st["exp_avg_sq"] == 0
+    for z in (m0, v0):
+        assert abs(int(z.sum()) - 9990) <= 16  # binomial(10⁴, 0.999): std 3.2
+    assert frac == (int(m0.sum()) + int(v0.sum())) / 20000
+    assert not torch.equal(m0, v0)  # two masks
+    again, params2, _ = _fake_moments(shape=(100, 100), n=1)
+    prune_moments(again, params2, 0.999, "random", torch.Generator().manual_seed(5), masks="separate")
+    assert torch.equal(again.state[params2[0]]["exp_avg"] == 0, m0)
+
+
+def test_strategy_passes_reset_masks_at_a_merge():
+    model = tiny_model()
+    s = relora(reset_every=10, prune_ratio=0.5, optimizer_reset="random", reset_masks="separate")
+    s.wrap(model)
+    opt = _one_step(model, s, steps=2)
+    m = s.on_step_end(10, model, opt)
+    assert m["relora/pruned_fraction"] == pytest.approx(0.5, abs=0.03)
+    orphans = sum(
+        int(((opt.state[p]["exp_avg_sq"] == 0) & (opt.state[p]["exp_avg"] != 0)).sum()) for p in s._adapter_params(model)
+    )
+    assert orphans > 0  # separate masks, as configured (the default joint mask never leaves one)
+
+
+# ---- defaults and the seed formula ------------------------------------------------------------------
+def test_relora_defaults_follow_the_paper_and_others_keep_theirs():
+    from tests.helpers import compose_cfg
+
+    cfg = compose_cfg("strategy=relora")
+    assert cfg.optim.min_lr_ratio == 0.1 and cfg.strategy.min_lr_ratio == 0.1
+    assert cfg.optim.restart_every == cfg.strategy.reset_every == 50
+    assert (cfg.strategy.optimizer_reset, cfg.strategy.reset_masks, cfg.strategy.prune_ratio) == ("magnitude", "joint", 0.99)
+    assert compose_cfg("strategy=lora").optim.min_lr_ratio == 0.0
+
+
+@pytest.mark.parametrize("base,per_weight", [("fp32", 4.0), ("bf16", 4.0), ("nf4", 0.5)])
+def test_seed_formula_is_one_rule(base, per_weight):
+    """4N + 16M over any 16/32-bit base (bf16 included), 0.5N + 16M over a 4-bit one."""
+    s = relora(base=base)
+    assert s.formula_bytes(1000, 10) == int(per_weight * 1000) + 160
+    assert s.formula_bytes(123_457, 3_001) == int(per_weight * 123_457) + 16 * 3_001
+
+
+def test_bf16_base_formula_in_the_trainer_is_4n():
+    trainer = tiny_trainer(None, *_relora_overrides(5, 0), "strategy.base=bf16")
+    trainer.train_step()
+    f = trainer.state.measured
+    assert f["memory/formula_bytes"] == 4 * f["params/base"] + 16 * f["params/trainable"]
+    assert f["memory/expected_bytes"] < f["memory/formula_bytes"]  # the adapted bases really are 2 B each
+
+
+# ---- the relora_table2 cells -------------------------------------------------------------------------
+@pytest.mark.parametrize("cell", ["full", "lora", "lora_ws", "relora", "relora_ws"])
+def test_table2_cells_compose_and_validate(cell):
+    from omegaconf import OmegaConf
+
+    from lorabench.checks import validate
+    from tests.helpers import compose_cfg
+
+    cfg = compose_cfg("experiment=relora_table2", f"+experiment/relora_table2@_global_={cell}")
+    OmegaConf.resolve(cfg)
+    typed = validate(cfg)
+    if cell != "full":
+        assert cfg.optim.restart_every == typed.reset_every and typed.warm_start_steps % typed.reset_every == 0

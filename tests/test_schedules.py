@@ -1,10 +1,12 @@
-"""The jagged cosine schedule (ReLoRA): the values the issue specifies, and its refusals."""
+"""The jagged cosine schedule (ReLoRA): the values the issue specifies, its refusals, and its
+restart period tied to the strategy's merge period (errors name `strategy.reset_every`)."""
 
 from types import SimpleNamespace
 
 import pytest
 
 from lorabench.errors import ConfigError
+from lorabench.strategies import available as available_strategies
 from lorabench.training.schedules import available_schedules, build_schedule
 
 
@@ -61,3 +63,65 @@ def test_bad_input_one_line(kw, total, key):
         build_schedule(_optim(**kw), total)
     msg = str(e.value)
     assert msg.startswith(key) and "\n" not in msg
+
+
+# ---- the restart period is the strategy's merge period ---------------------------------------------
+def _tree(strategy: dict, **optim):
+    """An optim node inside a config tree, as the trainer and `validate` pass it."""
+    from omegaconf import OmegaConf
+
+    node = dict(scheduler="jagged_cosine", warmup_steps=10, min_lr_ratio=0.1, restart_every="${strategy.reset_every}",
+                restart_warmup_steps="${strategy.restart_warmup_steps}")
+    node.update(optim)
+    return OmegaConf.create({"strategy": strategy, "optim": node}).optim
+
+
+RELORA = {"reset_every": 50, "restart_warmup_steps": 10}
+
+
+@pytest.mark.parametrize(
+    "strategy,optim,total,msg",
+    [
+        (RELORA, {}, 40, "strategy.reset_every: 50 does not divide the 40 training steps (trainer.max_steps); every "
+         "cycle must be complete: set it to a divisor of 40 above strategy.restart_warmup_steps=10, e.g. strategy.reset_every=20"),
+        (RELORA, {}, 10, "strategy.reset_every: 50 does not divide the 10 training steps (trainer.max_steps); every "
+         "cycle must be complete: set it to a divisor of 10 above strategy.restart_warmup_steps=10, or trainer.max_steps "
+         "to a multiple of 50"),
+        (RELORA, {"restart_every": 40}, 40, "strategy.reset_every: the lr restarts must follow the merge period, but "
+         "optim.restart_every=40 differs from strategy.reset_every=50; set only strategy.reset_every (optim.restart_every follows it)"),
+        ({"reset_every": 50, "restart_warmup_steps": 0}, {}, 200, "strategy.restart_warmup_steps: must be in "
+         "[1, strategy.reset_every=50) (the drop to 0 and the re-warmup must fit in one cycle), got 0"),
+        ({"name": "full"}, {"restart_every": 30, "restart_warmup_steps": 5}, 40, "optim.restart_every: 30 does not "
+         "divide the 40 training steps (trainer.max_steps); every cycle must be complete: set it to a divisor of 40 "
+         "above optim.restart_warmup_steps=5, e.g. optim.restart_every=20"),
+    ],
+)
+def test_errors_name_the_key_a_user_sets(strategy, optim, total, msg):
+    with pytest.raises(ConfigError) as e:
+        build_schedule(_tree(strategy, **optim), total)
+    assert str(e.value) == msg
+
+
+def test_matching_restart_period_is_accepted_and_equals_the_bare_schedule():
+    tree = build_schedule(_tree(RELORA, restart_every=50), 200)
+    bare = build_schedule(_optim(warmup_steps=10, restart_every=50, restart_warmup_steps=10), 200)
+    assert [tree(s) for s in range(200)] == [bare(s) for s in range(200)]
+    assert tree(50) == tree(100) == tree(150) == 0.0  # troughs at the merges
+
+
+@pytest.mark.parametrize("name", available_strategies())
+def test_short_run_of_every_strategy_works_or_names_the_key(name):
+    """`trainer.max_steps=40`: accepted, or one line naming the key and a value that works."""
+    import re
+
+    from tests.helpers import tiny_cfg
+
+    try:
+        tiny_cfg(None, f"strategy={name}", "trainer.max_steps=40")
+    except ConfigError as e:
+        msg = str(e)
+        assert "\n" not in msg and name == "relora", msg
+        hint = re.search(r"e\.g\. (\S+)=(\d+)$", msg)
+        assert msg.startswith("strategy.reset_every: ") and hint and hint.group(1) == "strategy.reset_every"
+        cfg = tiny_cfg(None, f"strategy={name}", "trainer.max_steps=40", f"{hint.group(1)}={hint.group(2)}")
+        assert cfg.optim.restart_every == 20

@@ -25,7 +25,7 @@ from lorabench.quant import BaseFormat, bnb4bit
 from lorabench.strategies.base import Strategy, StrategyConfig, check_rank_and_dropout
 from lorabench.strategies.registry import register
 from lorabench.surgery import find_target_linears
-from lorabench.training.optimizer import prune_moments
+from lorabench.training.optimizer import RESET_MASKS, prune_moments
 from lorabench.utils import DTYPES
 
 log = logging.getLogger(__name__)
@@ -39,12 +39,14 @@ class ReLoRAConfig(StrategyConfig):
     alpha: float = 16.0  # α: each cycle's update is scaled by α/r
     dropout: float = 0.0  # dropout on the adapter input only
     target_modules: Any = "all-linear"  # linears that get adapters; all-linear = attention + MLP in Llama (lm_head excluded)
-    reset_every: int = 50  # steps between merge-and-restart (optim.restart_every defaults to it)
+    reset_every: int = 50  # steps between merge-and-restart; also the lr restart period (optim.restart_every follows it)
     scheduler: str = "jagged_cosine"  # the lr schedule ReLoRA asks for (optim.scheduler defaults to it)
-    restart_warmup_steps: int = 10  # lr re-warmup after each restart (optim.restart_warmup_steps defaults to it; 0 = no jagged schedule asked)
+    restart_warmup_steps: int = 10  # lr re-warmup after each restart (optim.restart_warmup_steps defaults to it; jagged_cosine needs >= 1)
+    min_lr_ratio: float = 0.1  # the cosine's floor as a fraction of the peak lr, the paper's 0.1 (optim.min_lr_ratio defaults to it)
     prune_ratio: float = 0.99  # fraction of the adapters' AdamW moment entries zeroed at each reset
-    optimizer_reset: str = "magnitude"  # magnitude: prune the smallest exp_avg_sq entries | random: a random mask
-    warm_start_steps: int = 0  # full-rank steps before the low-rank cycles (0 = none)
+    optimizer_reset: str = "magnitude"  # magnitude: prune the smallest entries | random: a random mask
+    reset_masks: str = "joint"  # joint: one mask decided on exp_avg_sq zeroes both moments | separate: each moment its own mask (official code)
+    warm_start_steps: int = 0  # full-rank steps before the low-rank cycles (0 = none; else a multiple of reset_every)
     warm_start_lr_ratio: float = 1.0  # lr of the warm start as a fraction of the peak (full-rank wants a lower lr than LoRA)
     train_full_rank: list[str] = field(default_factory=lambda: ["embed_tokens", "norm", "lm_head"])  # modules kept trainable full-rank (a name's last part ending with an entry matches)
     base: str = "fp32"  # fp32 | bf16: dtype of the adapted base weights | nf4: bitsandbytes 4-bit base
@@ -55,6 +57,7 @@ class ReLoRAConfig(StrategyConfig):
 
     base_choices = ("fp32", "bf16", "nf4")
     reset_choices = ("magnitude", "random")
+    mask_choices = RESET_MASKS
 
     def validate(self) -> None:
         check_rank_and_dropout(self.rank, self.dropout)
@@ -71,10 +74,22 @@ class ReLoRAConfig(StrategyConfig):
             raise ConfigError(
                 f"strategy.optimizer_reset: expected one of {list(self.reset_choices)}, got '{self.optimizer_reset}'"
             )
+        if self.reset_masks not in self.mask_choices:
+            raise ConfigError(f"strategy.reset_masks: expected one of {list(self.mask_choices)}, got '{self.reset_masks}'")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"strategy.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if not 0.0 < self.warm_start_lr_ratio <= 10.0:
             raise ConfigError(f"strategy.warm_start_lr_ratio: must be in (0, 10], got {self.warm_start_lr_ratio}")
         if self.warm_start_steps < 0:
             raise ConfigError(f"strategy.warm_start_steps: must be >= 0, got {self.warm_start_steps}")
+        if self.warm_start_steps % self.reset_every != 0:
+            below = self.warm_start_steps // self.reset_every * self.reset_every
+            near = [v for v in (below, below + self.reset_every) if v > 0]
+            raise ConfigError(
+                f"strategy.warm_start_steps: {self.warm_start_steps} is not a multiple of strategy.reset_every="
+                f"{self.reset_every}; the switch to low rank must fall on an lr trough, where the lr ramps up "
+                f"from 0 as after every merge (e.g. {' or '.join(map(str, near))})"
+            )
         if self.base not in self.base_choices:
             raise ConfigError(f"strategy.base: expected one of {list(self.base_choices)}, got '{self.base}'")
         if self.base == "nf4" and self.warm_start_steps > 0:
@@ -179,7 +194,7 @@ class ReLoRA(Strategy):
             bnb4bit.share_nested_code([layer.base_layer for _, layer in layers])
         out: dict[str, float] = {"relora/merges": float(self.merges)}
         out["relora/pruned_fraction"] = prune_moments(
-            optimizer, self._adapter_params(model), c.prune_ratio, c.optimizer_reset, gen
+            optimizer, self._adapter_params(model), c.prune_ratio, c.optimizer_reset, gen, c.reset_masks
         )
         out["relora/merge_error"] = self.merge_error
         out["relora/merge_error_rel"] = self.merge_error / self.merge_delta if self.merge_delta else 0.0
@@ -190,7 +205,7 @@ class ReLoRA(Strategy):
             self._warned_lr = True
             log.warning(
                 "relora: merge at step %d is not at an lr trough (next lr %.3g); use "
-                "optim.scheduler=jagged_cosine optim.restart_every=%d", step, lr_next, c.reset_every,
+                "optim.scheduler=jagged_cosine (its restarts follow strategy.reset_every)", step, lr_next,
             )
         return out
 
@@ -217,12 +232,9 @@ class ReLoRA(Strategy):
         out["relora/merge_error_rel"] = self.merge_error / self.merge_delta if self.merge_delta else 0.0
         return out
 
-    # ---- memory ---------------------------------------------------------------------------
-    def formula_bytes(self, n_base: int, n_trainable: int) -> int:
-        """The seed formula: 4N (fp32) / 2N (bf16) / 0.5N (nf4) + 16M; a master copy's 2N
-        shows up in the expected and measured bytes (it is a buffer), not here."""
-        per_base = {"fp32": 4.0, "bf16": 2.0, "nf4": 0.5}[self.cfg.base]
-        return int(per_base * n_base + 16 * n_trainable)
+    # The seed formula is the base class's, one rule for every strategy: 4N + 16M over a
+    # 16/32-bit base (bf16 included), 0.5N + 16M over nf4. A bf16 base or a master copy shows
+    # up in the expected and measured bytes, not in the formula.
 
     # ---- checkpointing -------------------------------------------------------------------
     def state_dict(self, model: nn.Module) -> dict[str, Any]:

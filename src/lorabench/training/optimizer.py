@@ -1,7 +1,8 @@
 """AdamW over a strategy's trainable set, its lr schedule, and in-place optimizer-state surgery.
 
-`prune_moments` is ReLoRA's optimizer reset (docs/relora.md#optimizer-reset); it lives here,
-beside the optimizer whose state it edits, so strategies never reach into AdamW's internals.
+`prune_moments` is ReLoRA's optimizer reset (docs/relora.md#optimizer-reset), with one mask for
+both moments or, as the official code, one per moment; it lives here, beside the optimizer whose
+state it edits, so strategies never reach into AdamW's internals.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ def build_scheduler(
     )
 
 
+RESET_MASKS = ("joint", "separate")  # joint: one mask for both moments (default) | separate: one per moment (official code)
+MOMENTS = ("exp_avg", "exp_avg_sq")  # the AdamW state a reset prunes (never "step")
+
+
 @torch.no_grad()
 def prune_moments(
     optimizer: torch.optim.Optimizer,
@@ -43,13 +48,19 @@ def prune_moments(
     ratio: float,
     method: str,
     generator: Optional[torch.Generator] = None,
+    masks: str = "joint",
 ) -> float:
-    """Zero `ratio` of each param's exp_avg and exp_avg_sq entries with ONE mask decided on
-    exp_avg_sq (smallest magnitudes, or at random), in place; the step counter is untouched.
+    """ReLoRA's optimizer reset of `params`' AdamW moments, in place; the step counter is untouched.
 
-    One mask because separate masks keep some m whose v was zeroed, and the next update is
-    then ≈ lr·m/eps (docs/relora.md#optimizer-reset). Returns the fraction of entries zeroed.
+    masks="joint" (default): zero exactly round(`ratio`·n) entries of each param with ONE mask
+    decided on exp_avg_sq (the smallest magnitudes, or a seeded random permutation) and applied
+    to both moments. One mask because separate masks keep some m whose v was zeroed, and the
+    next update is then ≈ lr·m/eps (docs/relora.md#optimizer-reset).
+    masks="separate": `prune_moments_separately` (the official code's reset).
+    Returns the fraction of moment entries zeroed.
     """
+    if masks == "separate":
+        return prune_moments_separately(optimizer, params, ratio, method, generator)
     zeroed = total = 0
     for p in params:
         state = optimizer.state.get(p)
@@ -72,4 +83,38 @@ def prune_moments(
         m.mul_(keep)
         zeroed += int((~keep).sum())
         total += n
+    return zeroed / total if total else 0.0
+
+
+@torch.no_grad()
+def prune_moments_separately(
+    optimizer: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    ratio: float,
+    method: str,
+    generator: Optional[torch.Generator] = None,
+) -> float:
+    """The official ReLoRA code's reset: exp_avg and exp_avg_sq each pruned with its OWN mask.
+
+    magnitude: keep the entries whose |x| is above the tensor's own `ratio`-quantile of |x|
+    (torch.quantile, linear interpolation; it takes up to 2^24 entries, far above an adapter
+    factor's r × d); random: keep each entry with probability 1 − ratio
+    (drawn from `generator`, so a resumed run draws the same masks). A moment can thus keep m
+    where v was zeroed. Returns the fraction of all moment entries (m and v together) zeroed.
+    """
+    zeroed = total = 0
+    for p in params:
+        state = optimizer.state.get(p)
+        if not state or "exp_avg_sq" not in state:
+            continue
+        for key in MOMENTS:
+            t = state[key]
+            if method == "magnitude":
+                mag = t.abs().float()
+                keep = mag > torch.quantile(mag.flatten(), ratio)
+            else:
+                keep = (torch.rand(t.shape, generator=generator) > ratio).to(t.device)
+            t.mul_(keep)
+            zeroed += int((~keep).sum())
+            total += t.numel()
     return zeroed / total if total else 0.0
