@@ -11,6 +11,13 @@ from omegaconf import OmegaConf
 from lorabench.config import TaskConfig
 from lorabench.data import CharTokenizer, build_task
 from lorabench.data.synthetic import FAMILIES, sample_example
+from lorabench.data.tokenizer import CHARS, SPECIALS
+from lorabench.errors import ConfigError
+
+
+def reference_ids(text: str) -> list[int]:
+    """The historical ids, computed without any tokenizer: specials first, then CHARS in order."""
+    return [len(SPECIALS) + CHARS.index(c) for c in text]
 
 
 def task(**kw: object):
@@ -70,3 +77,26 @@ def test_labels_mask_the_prompt_and_padding() -> None:
         assert (labels[: enc.n_prompt] == -100).all()
         assert (labels[enc.n_prompt : n] == b["input_ids"][row, enc.n_prompt : n]).all()
         assert (labels[n:] == -100).all() and (b["attention_mask"][row, n:] == 0).all()
+
+
+def test_char_tokenizer_keeps_the_historical_ids_and_round_trips() -> None:
+    tok = CharTokenizer()
+    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.vocab_size) == (0, 1, 2, len(SPECIALS) + len(CHARS)) == (0, 1, 2, 50)
+    rng = random.Random(0)
+    texts = ["", " ", "  a  b ", "sort:3 1 4=1 3 4", ". , ; : ? | > = - +"]
+    texts += ["".join(rng.choice(CHARS) for _ in range(rng.randint(1, 60))) for _ in range(500)]
+    for s in texts:
+        ids = tok.encode(s)
+        assert ids == reference_ids(s)
+        assert tok.decode(ids) == s
+        assert tok.decode([tok.bos_id, *ids, tok.eos_id, tok.pad_id, tok.pad_id]) == s  # specials are dropped
+
+
+@pytest.mark.parametrize("text", ["sort:3A1", "a\nb", "caf\u00e9", "<unk>", "a<pad>b", "<eos>", "tab\there"])
+def test_an_unknown_character_is_refused_in_one_line(text: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        CharTokenizer().encode(text)
+    msg = str(e.value)
+    assert "\n" not in msg and "not in the vocabulary" in msg
+    bad = next(c for c in text if c not in CHARS)
+    assert repr(bad) in msg

@@ -1,9 +1,14 @@
 """The embedded default backbone: a tiny Llama pretrained by this harness on its synthetic corpus.
 
-No hub, no network: the architecture comes from a `LlamaConfig`, the tokenizer is the
-synthetic character vocabulary, and the weights come from a short full-rank pretraining run
-(`lorabench.training.pretrain`, through the same trainer as every fine-tuning job), kept in
-a cache dir whose key hashes everything that determines the weights.
+No hub, no network. The default recipe's weights ship inside the package
+(`tiny_default/`: a standard Hugging Face model dir with its tokenizer), so every machine
+fine-tunes exactly the same starting weights: pretraining depends on the machine's float
+rounding, and a backbone pretrained locally would move every fine-tuning result. The shipped
+files are checked against the sha256 recorded beside them before they are loaded.
+
+Other tiny recipes (other sizes or pretraining keys) are pretrained by
+`lorabench.training.pretrain` and kept in a cache dir whose key hashes everything that
+determines the weights; `pretrain_steps=0` is a seeded random init.
 """
 
 from __future__ import annotations
@@ -12,17 +17,21 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from lorabench.data.synthetic import CORPUS_DIFFICULTY
-from lorabench.data.tokenizer import VOCAB_VERSION, CharTokenizer
+from lorabench.data.tokenizer import VOCAB_VERSION, CharTokenizer, HFTokenizer
 from lorabench.errors import ConfigError
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = 1  # bump when the pretraining recipe below changes
+CACHE_FORMAT = 1  # bump when the pretraining recipe (lorabench.training.pretrain) changes
+SHIPPED_DIR = Path(__file__).with_name("tiny_default")  # the default recipe's backbone (package data)
+RECORD = "lorabench_backbone.json"  # written last into a backbone dir: recipe, losses, sha256 of every file
+LEGACY_RECORD = "meta.json"  # the record of cache dirs written before RECORD existed
+REBUILD = "lorabench-pretrain --ship"  # the command that rebuilds the shipped files
 
 
 def tiny_llama_config(cfg: Any, vocab_size: int) -> LlamaConfig:
@@ -47,8 +56,8 @@ def tiny_llama_config(cfg: Any, vocab_size: int) -> LlamaConfig:
     )
 
 
-def cache_key(cfg: Any) -> str:
-    """Hash of everything that determines the pretrained weights."""
+def recipe(cfg: Any) -> dict[str, Any]:
+    """Everything that determines the pretrained weights (the model keys, corpus and vocabulary)."""
     fields = {
         k: getattr(cfg, k)
         for k in (
@@ -60,23 +69,83 @@ def cache_key(cfg: Any) -> str:
     fields["difficulty"] = {f: CORPUS_DIFFICULTY[f] for f in cfg.pretrain_families}
     fields["vocab"] = VOCAB_VERSION
     fields["format"] = CACHE_FORMAT
-    blob = json.dumps(fields, sort_keys=True).encode()
+    return fields
+
+
+def cache_key(cfg: Any) -> str:
+    """Hash of the recipe: names the cache dir and identifies the shipped backbone."""
+    blob = json.dumps(recipe(cfg), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def pretrained_dir(cfg: Any) -> Path:
-    """Where the pretrained weights of `cfg` live (written by `lorabench.training.pretrain`)."""
+    """Where the pretrained weights of a non-shipped recipe live (written by `lorabench.training.pretrain`)."""
     return Path(cfg.cache_dir).expanduser() / f"tiny-{cache_key(cfg)}"
 
 
 def is_pretrained(path: Path) -> bool:
-    """A complete pretrained dir (its `meta.json` is written last)."""
-    return (path / "meta.json").exists()
+    """A complete pretrained dir (its record is written last)."""
+    return (path / RECORD).exists() or (path / LEGACY_RECORD).exists()
 
 
-def load_tiny(cfg: Any, seed: int, device: torch.device) -> tuple[LlamaForCausalLM, CharTokenizer]:
-    """The tiny backbone: random (pretrain_steps=0, seeded by the run's seed) or pretrained."""
-    tok = CharTokenizer()
+def shipped_record(shipped: Optional[Path] = None) -> Optional[dict[str, Any]]:
+    """The record of the shipped backbone (None when the package holds none)."""
+    path = (shipped or SHIPPED_DIR) / RECORD
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"model: shipped backbone record {path} is not valid JSON ({e}); rebuild it with `{REBUILD}`") from None
+
+
+def is_shipped(cfg: Any) -> bool:
+    """Whether the model keys of `cfg` are the shipped recipe (so no pretraining is needed)."""
+    if cfg.source != "tiny" or cfg.pretrain_steps == 0:
+        return False
+    record = shipped_record()
+    return record is not None and record.get("key") == cache_key(cfg)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_files(path: Path, record: dict[str, Any]) -> None:
+    """Every file the record lists exists with its recorded sha256, else one line naming it."""
+    for name, expected in sorted(record["sha256"].items()):
+        f = path / name
+        if not f.is_file():
+            raise ConfigError(f"model: shipped backbone file {f} is missing; reinstall lorabench or rebuild it with `{REBUILD}`")
+        got = sha256_file(f)
+        if got != expected:
+            raise ConfigError(
+                f"model: shipped backbone file {f} is corrupted or truncated ({f.stat().st_size} bytes, sha256 "
+                f"{got[:16]}..., expected {expected[:16]}...); reinstall lorabench or rebuild it with `{REBUILD}`"
+            )
+
+
+def load_shipped(device: torch.device) -> tuple[LlamaForCausalLM, HFTokenizer]:
+    """The shipped backbone and its tokenizer, after checking every file's sha256."""
+    record = shipped_record()
+    if record is None:
+        raise ConfigError(f"model: no shipped backbone in {SHIPPED_DIR}; rebuild it with `{REBUILD}`")
+    verify_files(SHIPPED_DIR, record)
+    model = LlamaForCausalLM.from_pretrained(SHIPPED_DIR, dtype=torch.float32)
+    tok = HFTokenizer(AutoTokenizer.from_pretrained(SHIPPED_DIR))
+    return model.to(device), tok
+
+
+def load_tiny(cfg: Any, seed: int, device: torch.device) -> tuple[LlamaForCausalLM, HFTokenizer]:
+    """The tiny backbone: random (pretrain_steps=0, seeded by the run's seed), shipped, or cached."""
+    if is_shipped(cfg):
+        return load_shipped(device)
+    tok = CharTokenizer(cfg.max_position_embeddings)
     config = tiny_llama_config(cfg, tok.vocab_size)
     if cfg.pretrain_steps == 0:
         torch.manual_seed(seed)

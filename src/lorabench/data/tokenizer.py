@@ -1,19 +1,33 @@
-"""Tokenizers: the embedded character vocabulary of the synthetic language, and HF tokenizers.
+"""Tokenizers: the embedded character vocabulary of the synthetic language, as a Hugging Face
+tokenizer, behind the small surface the tasks use.
 
-Both expose the same small surface (encode/decode, pad/bos/eos ids, vocab_size) so the
-tasks and the evaluator never care which backbone they feed.
+The tiny backbone's tokenizer is a standard `tokenizers` pipeline (one token per character,
+a WordLevel vocabulary, a fusing decoder) wrapped in a `PreTrainedTokenizerFast`, so it is
+saved with `save_pretrained` and loads with `AutoTokenizer.from_pretrained` next to the
+weights. Its ids are the historical ones (specials, then CHARS in order): the shipped weights
+are only valid with exactly these ids.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+
+from tokenizers import Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer as BackendTokenizer
+from transformers import PreTrainedTokenizerFast
+
+from lorabench.errors import ConfigError
+from lorabench.utils import atomic_write_text
 
 # Every character a synthetic task can emit. Index 0..2 are the special tokens.
 SPECIALS = ["<pad>", "<bos>", "<eos>"]
 CHARS = list("0123456789abcdefghijklmnopqrstuvwxyz+-=:;,>|?. ")
 VOCAB_VERSION = 1  # bump when CHARS changes: part of the tiny backbone cache key
+# transformers 5 saves its fast tokenizers as "TokenizersBackend", a name transformers 4 does
+# not know; "PreTrainedTokenizerFast" loads the same tokenizer.json under both.
+PORTABLE_CLASS = "PreTrainedTokenizerFast"
 
 
 class Tokenizer(Protocol):
@@ -27,32 +41,43 @@ class Tokenizer(Protocol):
     def decode(self, ids: list[int]) -> str: ...
 
 
-class CharTokenizer:
-    """One token per character; the tiny backbone's vocabulary."""
+def char_tokenizer_fast(model_max_length: int = 128) -> PreTrainedTokenizerFast:
+    """The synthetic character vocabulary as a Hugging Face fast tokenizer.
 
-    def __init__(self) -> None:
-        self.itos = SPECIALS + CHARS
-        self.stoi = {c: i for i, c in enumerate(self.itos)}
-        self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
-        self.vocab_size = len(self.itos)
+    Every character is its own pre-token (spaces included: no normalizer, no whitespace
+    splitting), looked up in a WordLevel vocabulary with no unknown token, so a character
+    outside the vocabulary is an error rather than a silent <unk>. `Fuse` joins decoded tokens
+    with nothing between them, and tokenization-space clean-up is off, so decode(encode(s)) == s.
+    With special tokens on (HF's default) a sequence starts with <bos>, as in training.
+    """
+    itos = SPECIALS + CHARS
+    backend = BackendTokenizer(models.WordLevel({t: i for i, t in enumerate(itos)}, unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(SPECIALS)
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+        clean_up_tokenization_spaces=False, model_max_length=model_max_length,
+    )
 
-    def encode(self, text: str) -> list[int]:
-        try:
-            return [self.stoi[c] for c in text]
-        except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in the synthetic vocabulary") from None
 
-    def decode(self, ids: list[int]) -> str:
-        return "".join(self.itos[i] for i in ids if i >= len(SPECIALS))
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps({"itos": self.itos, "version": VOCAB_VERSION}))
+def save_portable(tok: PreTrainedTokenizerFast, path: Path) -> list[str]:
+    """`save_pretrained` into `path`, with the tokenizer class named portably; the file names."""
+    files = [Path(f).name for f in tok.save_pretrained(str(path))]
+    cfg_path = Path(path) / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = PORTABLE_CLASS
+    atomic_write_text(cfg_path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return sorted(set(files))
 
 
 class HFTokenizer:
-    """Adapts a transformers tokenizer to the same surface (no special tokens inside encode)."""
+    """Adapts a transformers tokenizer to the tasks' surface (no special tokens inside encode)."""
 
-    def __init__(self, tok) -> None:  # noqa: ANN001 - any PreTrainedTokenizer
+    def __init__(self, tok: Any) -> None:  # any PreTrainedTokenizer(Fast)
         self.tok = tok
         self.eos_id = tok.eos_token_id if tok.eos_token_id is not None else 0
         self.bos_id = tok.bos_token_id if tok.bos_token_id is not None else self.eos_id
@@ -60,7 +85,21 @@ class HFTokenizer:
         self.vocab_size = len(tok)
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False)
+        try:  # text is data: a literal "<eos>" in it is characters, not the special token
+            return self.tok.encode(text, add_special_tokens=False, split_special_tokens=True)
+        except Exception:  # tokenizers raises a bare Exception for a piece missing from its vocabulary
+            vocab = self.tok.get_vocab()
+            bad = next((c for c in text if c not in vocab), None)
+            if bad is None:
+                raise
+            raise ConfigError(f"task: character {bad!r} is not in the vocabulary of the model's tokenizer") from None
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
+
+
+class CharTokenizer(HFTokenizer):
+    """The tiny backbone's tokenizer, built in code (`char_tokenizer_fast`) rather than loaded."""
+
+    def __init__(self, model_max_length: int = 128) -> None:
+        super().__init__(char_tokenizer_fast(model_max_length))
