@@ -184,11 +184,16 @@ def activation_bytes(model: nn.Module, step: Callable[[], Any]) -> int:
         if key not in live:
             total += t.untyped_storage().nbytes()
         live[key] = live.get(key, 0) + 1
-        weakref.finalize(t, release, key)
+        finalizers.append(weakref.finalize(t, release, key))
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
+    finalizers: list[weakref.finalize] = []
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            step()
+    finally:
+        for f in finalizers:  # tensors that outlive the step (inputs) leave no callback behind
+            f.detach()
     return total
 
 
