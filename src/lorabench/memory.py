@@ -85,7 +85,7 @@ def account_model(model: nn.Module) -> ModelBytes:
             quant += lb.quantized_params
             expected += lb.expected_bytes
             held.extend(lb.tensors)
-            seen.update(tensor_key(t) for t in lb.tensors)
+            seen.update(tensor_key(t) for t in lb.tensors if isinstance(t, torch.Tensor))
             continue
         for p in module.parameters(recurse=False):
             key = tensor_key(p)
