@@ -30,6 +30,7 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     [
         (["strategy=lorra"], "strategy: unknown strategy 'lorra', expected one of"),
         (["task=sorting"], "task: unknown task 'sorting', expected one of"),
+        (["debug=quick"], "debug: unknown debug 'quick', expected one of ['default', 'overfit']"),
         (["strategy.rank=0"], "strategy.rank: must be a positive integer, got 0"),
         (["optim.lr=-1e-3"], "optim.lr: expected a number > 0, got -0.001"),
         (["model=hf", "model.name_or_path=/nonexistent/model"], "model.name_or_path: model dir /nonexistent/model does not exist"),

@@ -12,7 +12,7 @@ from lorabench.errors import ConfigError
 from lorabench.strategies import available
 from tests.helpers import CONF, compose_cfg
 
-GROUPS = ["model", "strategy", "task", "optim", "trainer", "logger"]
+GROUPS = ["model", "strategy", "task", "optim", "trainer", "logger", "paths", "extras", "debug", "hparams_search"]
 # Options that need a user value (a model dir, a dataset) to validate, and that value.
 NEEDS = {
     ("model", "hf"): ["model.name_or_path=/some/model"],

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lorabench.checks import register_configs, validate
 from lorabench.errors import ConfigError
@@ -45,14 +45,49 @@ def fill_runtime_keys(cfg: DictConfig) -> None:
                 cfg.logger.group = "single-runs"
 
 
+def print_config_tree(cfg: DictConfig) -> None:
+    """The resolved config as a rich tree, one branch per top-level group (extras.print_config)."""
+    from rich.console import Console
+    from rich.syntax import Syntax
+    from rich.tree import Tree
+
+    tree = Tree("config", guide_style="dim")
+    for key, node in cfg.items():
+        text = OmegaConf.to_yaml(node, resolve=True) if isinstance(node, DictConfig) else str(node)
+        tree.add(str(key)).add(Syntax(text.rstrip(), "yaml", theme="ansi_dark", background_color="default"))
+    Console().print(tree)
+
+
+def optimized_value(cfg: DictConfig, summary: dict[str, Any]) -> Optional[float]:
+    """The summary's `optimized_metric`, returned to Hydra sweepers. A key the run did not
+    produce stops a sweep with one line (a sweeper cannot rank None); a single run just logs it."""
+    key = cfg.get("optimized_metric")
+    if key is None:
+        return None
+    if key in summary:
+        return float(summary[key])
+    message = f"optimized_metric: '{key}' is not in the run's summary (e.g. {sorted(k for k in summary if k.startswith('eval/'))})"
+    try:
+        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        multirun = False
+    if multirun:
+        raise ConfigError(message)
+    log.warning(message)
+    return None
+
+
 def run_job(cfg: DictConfig) -> Optional[float]:
-    """Validate, train, report. Returns eval/accuracy (or -loss) for Hydra sweepers."""
+    """Validate, train, report. Returns the summary's `optimized_metric` for Hydra sweepers."""
     from lorabench.training import job
 
     fill_runtime_keys(cfg)
     try:
         validate(cfg)
+        if cfg.extras.print_config:
+            print_config_tree(cfg)
         summary = job.run(cfg)
+        value = optimized_value(cfg, summary)
     except ConfigError as e:
         print(f"lorabench: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -64,10 +99,14 @@ def run_job(cfg: DictConfig) -> Optional[float]:
         summary.get("eval/loss", float("nan")),
         cfg.run_dir,
     )
-    return summary.get("eval/accuracy", -summary.get("eval/loss", 0.0))
+    return value
 
 
-GROUPS = ("model", "strategy", "task", "optim", "trainer", "logger", "experiment")
+# config groups a `group=choice` override may name (checked for a YAML before Hydra composes)
+GROUPS = (
+    "model", "strategy", "task", "optim", "trainer", "logger", "paths", "extras",
+    "experiment", "hparams_search", "debug",
+)
 
 
 def check_group_choices(argv: list[str], conf: Path) -> Optional[str]:
@@ -89,9 +128,8 @@ def check_overrides(argv: list[str], conf: Path) -> Optional[str]:
     is one line (Hydra's own report spans several). Sweeps (`-m`, values with commas) are
     checked for key existence only; Hydra checks each job's values when it composes it."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
-    multirun = "-m" in argv or "--multirun" in argv
+    multirun = "-m" in argv or "--multirun" in argv or any(a.startswith("hparams_search=") for a in argv)
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     overrides = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
     single = [o for o in overrides if not (multirun and "," in o.partition("=")[2])]

@@ -75,6 +75,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads (0 = torch's default)
     progress: bool = True  # show a progress bar
+    overwrite: bool = False  # true: clear a run dir that already holds a run (completed or not) and start afresh
 
 
 @dataclass
@@ -90,6 +91,19 @@ class LoggerConfig:
 
 
 @dataclass
+class PathsConfig:
+    root_dir: str = "${oc.env:LORABENCH_ROOT,.}"  # where outputs/ and data/ live (default: the working dir)
+    output_dir: str = "${paths.root_dir}/outputs"  # runs/, multirun/ and debug/ run dirs go under it
+    cache_dir: str = "${oc.env:LORABENCH_CACHE,${oc.env:HOME,/tmp}/.cache/lorabench}"  # pretrained tiny backbones (model.cache_dir)
+    data_dir: str = "${paths.root_dir}/data"  # local datasets (e.g. task=hf task.dataset=${paths.data_dir}/x.jsonl)
+
+
+@dataclass
+class ExtrasConfig:
+    print_config: bool = True  # print the resolved config as a tree when a run starts
+
+
+@dataclass
 class LorabenchConfig:
     model: ModelConfig = MISSING  # backbone
     strategy: Any = MISSING  # validated against the strategy's own dataclass (see strategies/)
@@ -97,8 +111,11 @@ class LorabenchConfig:
     optim: OptimConfig = MISSING  # optimizer and schedule
     trainer: TrainerConfig = MISSING  # loop, eval and checkpoint cadence
     logger: LoggerConfig = MISSING  # W&B and local files
+    paths: PathsConfig = field(default_factory=PathsConfig)  # output, cache and data dirs
+    extras: ExtrasConfig = field(default_factory=ExtrasConfig)  # conveniences around a run (config printout)
     seed: int = 0  # one seed drives data, init (adapters included) and dropout
     run_dir: str = "."  # where this job writes (Hydra's run dir by default)
+    optimized_metric: Optional[str] = "eval/accuracy"  # summary key the app returns to sweepers (Optuna)
 
 
 # group name -> schema, stored as `<group>/<group>_schema` (each group's YAMLs extend it)
@@ -108,4 +125,6 @@ GROUP_SCHEMAS: dict[str, type] = {
     "optim": OptimConfig,
     "trainer": TrainerConfig,
     "logger": LoggerConfig,
+    "paths": PathsConfig,
+    "extras": ExtrasConfig,
 }

@@ -1,0 +1,114 @@
+"""`lorabench-eval <run_dir> [--merged]`: score a finished run again, without training.
+
+Why: a run's numbers must be reproducible from its run dir alone. The job's composed config
+(`.hydra/config.yaml`, written by Hydra for every job) rebuilds the model exactly as the job
+did (`build_trainer`: same backbone, quantization, seeded wrap and task data); the strategy's
+`final_state.pt` puts the trained tensors back (`load_artifacts`); the trainer's own
+`evaluate` scores it. `--merged` scores the strategy's merged model instead (as the job's
+`eval/*_merged`). Metrics go to stdout and into `<run_dir>/eval.json` (keys as in summary.json).
+Bad input is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from lorabench.errors import ConfigError
+
+RUN_CONFIG = Path(".hydra") / "config.yaml"  # the job's composed config, inside its run dir
+EVAL_FILE = "eval.json"  # scores written back into the run dir
+
+log = logging.getLogger("lorabench")
+
+
+def load_run_config(run_dir: Path) -> DictConfig:
+    """The job's config (typed by the schema), with run_dir pointing at `run_dir`."""
+    from lorabench.checks import validate
+    from lorabench.config import LorabenchConfig
+    from lorabench.strategies.base import FINAL_STATE
+
+    if not run_dir.is_dir():
+        raise ConfigError(f"run_dir: {run_dir} is not a directory")
+    path = run_dir / RUN_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"run_dir: {path} does not exist (not a run dir written by lorabench)")
+    if not (run_dir / FINAL_STATE).is_file():
+        raise ConfigError(f"run_dir: {run_dir / FINAL_STATE} does not exist (the run did not complete)")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(LorabenchConfig), OmegaConf.load(path))
+    except Exception as e:  # noqa: BLE001 - a YAML or schema error becomes one line naming the file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path}: not a lorabench config: {first}") from e
+    assert isinstance(cfg, DictConfig)
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+    validate(cfg)
+    return cfg
+
+
+def evaluate_run(run_dir: Path, merged: bool = False, device: Optional[str] = None) -> dict[str, float]:
+    """Rebuild the run's model, load its final state and score it; keys as in its summary
+    (`eval/<metric>`, or `eval/<metric>_merged` with `merged`)."""
+    import torch
+
+    from lorabench.training.job import build_trainer, pick_device
+
+    cfg = load_run_config(run_dir)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    dev = pick_device(device or cfg.trainer.device)
+    trainer = build_trainer(cfg, dev, run_dir=run_dir)  # no setup(): no optimizer, no resume
+    trainer.strategy.load_artifacts(trainer.model, run_dir)
+    if not merged:
+        return {f"eval/{k}": v for k, v in trainer.evaluate().items()}
+    model = trainer.strategy.merged_for_eval(trainer.model, run_dir)
+    if model is None:
+        raise ConfigError(
+            f"--merged: strategy '{cfg.strategy.name}' has no merged model for this run "
+            f"(strategy.merge={cfg.strategy.get('merge', 'none')})"
+        )
+    return {f"eval/{k}_merged": v for k, v in trainer.evaluate(model).items()}
+
+
+def write_eval(run_dir: Path, metrics: dict[str, Any]) -> Path:
+    """Merge `metrics` into `<run_dir>/eval.json` (so plain and merged scores sit side by side)."""
+    from lorabench.utils import atomic_write_text
+
+    path = run_dir / EVAL_FILE
+    old: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+    atomic_write_text(path, json.dumps({**old, **metrics}, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Console-script entry point; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="lorabench-eval", description="Score a finished lorabench run without training.")
+    parser.add_argument("run_dir", type=Path, help="a run dir (holds .hydra/config.yaml and final_state.pt)")
+    parser.add_argument("--merged", action="store_true", help="score the strategy's merged model (as eval/*_merged)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="default: the run's trainer.device")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        metrics = evaluate_run(args.run_dir, merged=args.merged, device=args.device)
+    except ConfigError as e:
+        print(f"lorabench-eval: error: {e}", file=sys.stderr)
+        return 2
+    write_eval(args.run_dir, metrics)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
