@@ -140,12 +140,15 @@ def _train(
     model = trainer.model
     trainer.setup()
     final = trainer.fit()
+    peaks = {"memory/peak_bytes": memory.peak_bytes(device)}  # training's peak, before any merge
 
     end: dict[str, Any] = {f"eval/{k}": v for k, v in final.items()}
+    memory.reset_peak(device)
     merged = strategy.merged_for_eval(model, run_dir)
     if merged is not None:
         end.update({f"eval/{k}_merged": v for k, v in trainer.evaluate(merged).items()})
         del merged
+        peaks["memory/peak_merge_bytes"] = memory.peak_bytes(device)  # merging and scoring the merged model
     end.update(strategy.final_metrics(model))
     tracker.log(end, step=trainer.state.step)
     strategy.save_artifacts(model, run_dir)
@@ -153,7 +156,7 @@ def _train(
     st = trainer.state
     return {
         **st.measured,
-        "memory/peak_bytes": memory.peak_bytes(device),
+        **peaks,
         **{f"eval/{k}_base": v for k, v in st.base_eval.items()},
         **end,
         "train/steps": st.step,

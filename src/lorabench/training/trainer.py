@@ -145,12 +145,22 @@ class Trainer:
         self.model.train()
         t0 = time.perf_counter()
         loss_sum = 0.0
+        activations = None
         for micro in range(tc.grad_accum_steps):
             batch = self.data.train_batch(step * tc.grad_accum_steps + micro, tc.batch_size)
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            loss = self.model(**batch).loss / tc.grad_accum_steps
-            loss.backward()
-            loss_sum += loss.item()
+            losses: list[torch.Tensor] = []
+
+            def forward_backward() -> None:
+                loss = self.model(**batch).loss / tc.grad_accum_steps
+                loss.backward()
+                losses.append(loss)
+
+            if micro == 0 and not st.measured:  # the phase's first step: count what autograd saves
+                activations = memory.activation_bytes(self.model, forward_backward)
+            else:
+                forward_backward()
+            loss_sum += losses[0].item()
             st.tokens += int(batch["attention_mask"].sum())
         opt = self.optimizer
         grad_norm = None
@@ -161,7 +171,7 @@ class Trainer:
         opt.step()
         self.scheduler.step()
         if not st.measured:  # after the first optimizer step (of a phase): grads and moments exist
-            st.measured = self.memory_figures()
+            st.measured = {**self.memory_figures(), "memory/activation_bytes": activations}
         opt.zero_grad(set_to_none=True)
         st.train_seconds += time.perf_counter() - t0
         st.step = step = step + 1
