@@ -173,15 +173,51 @@ def test_a_rebuild_reproduces_the_recorded_early_losses(tmp_path: Path, capsys: 
     assert torch.get_num_threads() == 1
     assert pretrain.main(["--out", str(out), "--steps", str(REBUILD_STEPS)]) == 0
     printed = capsys.readouterr().out
-    assert f"early losses (steps 1..{REBUILD_STEPS})" in printed
     rebuilt = json.loads((out / tiny.RECORD).read_text())
     shipped = record()
     assert rebuilt["key"] == shipped["key"] and rebuilt["steps"] == REBUILD_STEPS
     assert len(rebuilt["early_losses"]) == REBUILD_STEPS
     for step, (a, b) in enumerate(zip(rebuilt["early_losses"], shipped["early_losses"]), start=1):
         assert abs(a - b) <= LOSS_TOL, (step, a, b)
+    worst = max(abs(a - b) for a, b in zip(rebuilt["early_losses"], shipped["early_losses"]))
+    assert f"early losses (steps 1..{REBUILD_STEPS}): max |rebuilt - shipped| = {worst:.2e}" in printed
+    assert "final train loss" not in printed  # a partial rebuild has no final loss to compare
     # the rebuilt dir is itself a checked, standard HF dir
     for name, sha in rebuilt["sha256"].items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == sha
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 50
     assert AutoTokenizer.from_pretrained(out)("ab")["input_ids"] == [1, 13, 14]
+
+
+def test_the_comparison_lines_state_the_losses_and_their_difference() -> None:
+    shipped = record()
+    rebuilt = {**shipped, "early_losses": [x + 3e-5 for x in shipped["early_losses"][:10]], "final_train_loss": 1.5}
+    lines = pretrain.compare_with_shipped(rebuilt, shipped)
+    assert lines[0] == "early losses (steps 1..10): max |rebuilt - shipped| = 3.00e-05"
+    assert lines[1] == f"final train loss: rebuilt 1.5000, shipped {shipped['final_train_loss']:.4f}, difference +0.0837"
+    assert shipped["final_train_loss"] == 1.4163
+    assert pretrain.compare_with_shipped({**rebuilt, "key": "0" * 16}, shipped) == [
+        f"no shipped backbone with recipe key {'0' * 16}: nothing to compare"
+    ]
+
+
+def test_another_recipe_is_pretrained_once_into_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    keys = [
+        "model.hidden_size=64", "model.intermediate_size=128", "model.num_layers=1", "model.num_heads=2",
+        "model.pretrain_steps=3", "model.pretrain_batch_size=4",
+    ]
+    model_cfg = compose_cfg(*keys).model
+    assert not tiny.is_shipped(model_cfg)
+    path = pretrain.ensure_pretrained(model_cfg, torch.device("cpu"))
+    assert path == tiny.pretrained_dir(model_cfg) and path.parent == Path(model_cfg.cache_dir)
+    rec = json.loads((path / tiny.RECORD).read_text())
+    assert rec["key"] == tiny.cache_key(model_cfg) and rec["steps"] == 3 and len(rec["early_losses"]) == 3
+    assert rec["final_train_loss"] == round(rec["early_losses"][-1], 4)
+    for name, sha in rec["sha256"].items():
+        assert hashlib.sha256((path / name).read_bytes()).hexdigest() == sha
+    monkeypatch.setattr(pretrain, "pretrain_tiny", no_pretraining)  # a second job reuses the cache
+    pretrain.prepare_backbone(model_cfg, torch.device("cpu"))
+    model, tok = load_backbone(model_cfg, 0, torch.device("cpu"))
+    weights = load_file(path / "model.safetensors")
+    assert all(torch.equal(weights[k], model.state_dict()[k]) for k in weights)
+    assert tok.encode("ab ") == [13, 14, 49]

@@ -152,6 +152,9 @@ def load_tiny(cfg: Any, seed: int, device: torch.device) -> tuple[LlamaForCausal
         return LlamaForCausalLM(config).to(device), tok
     path = pretrained_dir(cfg)
     if not is_pretrained(path):
-        raise ConfigError(f"model: no pretrained tiny backbone at {path}; run `lorabench-pretrain` with these model keys")
+        raise ConfigError(
+            f"model: no pretrained tiny backbone at {path}; a `lorabench` job pretrains it first "
+            "(lorabench.training.pretrain.prepare_backbone)"
+        )
     model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     return model, tok
