@@ -197,7 +197,7 @@ def test_refuses_group_not_dividing_in_features() -> None:
 
 
 def test_refuses_float_base() -> None:
-    with pytest.raises(ConfigError, match="QA-LoRA needs an INT-N base layer"):
+    with pytest.raises(ConfigError, match="has no INT-N base .*add it to strategy.quantize_modules"):
         inject_qalora(tiny_llama(), "all-linear", rank=4, alpha=8)
 
 
@@ -387,3 +387,19 @@ def test_table1_sweep_lists_every_cell_and_three_seeds() -> None:
     assert params["+experiment/qalora_table1"].split(",") == TABLE1_CELLS
     assert len(str(params.seed).split(",")) >= 3
     assert sorted(p.stem for p in (CONF / "experiment" / "qalora_table1").glob("*.yaml")) == sorted(TABLE1_CELLS)
+
+
+def test_quantized_set_is_the_decoder_and_targets_must_be_inside_it() -> None:
+    """QA-LoRA quantizes every decoder linear whatever target_modules says (as the paper);
+    a target left in float is refused in one line (the zero-point merge needs INT-N)."""
+    from lorabench.quant.intn import IntNLinear
+    from lorabench.surgery import find_target_linears
+    from tests.helpers import build_on_tiny
+
+    _, model = build_on_tiny("qalora", target_modules=["q_proj", "v_proj"], rank=4, alpha=8.0)
+    intn = {n.removesuffix(".base_layer") for n, m in model.named_modules() if isinstance(m, IntNLinear)}
+    assert intn == set(find_target_linears(tiny_llama(), "all-linear"))
+    assert len(qalora_layers(model)) == 2 * 2  # adapters only on q and v of 2 blocks
+    with pytest.raises(ConfigError, match="has no INT-N base .*add it to strategy.quantize_modules") as e:
+        build_on_tiny("qalora", quantize_modules=["k_proj"], target_modules=["q_proj"], rank=4, alpha=8.0)
+    assert "\n" not in str(e.value)

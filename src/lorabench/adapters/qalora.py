@@ -90,7 +90,8 @@ def check_pooling_target(layer: nn.Module, group_size: Optional[int], name: str)
     different from the quantization group, or a group that does not tile in_features."""
     if not isinstance(layer, IntNLinear):
         raise ConfigError(
-            f"{name}: QA-LoRA needs an INT-N base layer (base format 'intn'), got {type(layer).__name__}"
+            f"strategy.target_modules: '{name}' has no INT-N base (got {type(layer).__name__}); "
+            "QA-LoRA adapts only quantized linears: add it to strategy.quantize_modules"
         )
     g = layer.group_size if group_size is None else group_size
     if g <= 0 or layer.in_features % g:

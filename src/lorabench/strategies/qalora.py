@@ -39,7 +39,8 @@ class QALoRAConfig(StrategyConfig):
     rank: int = 8  # r: rank of the pooled update B@A
     alpha: float = 16.0  # α: the update is scaled by α/r
     dropout: float = 0.0  # dropout on the adapter input (before pooling)
-    target_modules: Any = "all-linear"  # 'all-linear' or a list of module names (q_proj, ...)
+    target_modules: Any = "all-linear"  # linears that get pooled adapters: 'all-linear' or a list of names (q_proj, ...)
+    quantize_modules: Any = "all-linear"  # linears quantized to INT-N: the whole decoder, as the paper (must include the targets)
     merge: str = "zeros"  # none | zeros: fold the adapter into the zero points, save, reload and score
 
     merge_choices = ("none", "zeros")
@@ -64,11 +65,12 @@ class QALoRA(Strategy):
     name = "qalora"
     config_class = QALoRAConfig
     label_keys = {"bits": "int", "rank": "r", "pooling": ""}
+    lossless_merge = {"merge": "zeros"}  # exact up to the fp16 rounding of the merged zero points
 
     def base_format(self) -> Optional[BaseFormat]:
         c = self.cfg
         return BaseFormat(
-            "intn", c.target_modules, {"bits": c.bits, "group_size": c.group_size, "quantizer": c.quantizer}
+            "intn", c.quantize_modules, {"bits": c.bits, "group_size": c.group_size, "quantizer": c.quantizer}
         )
 
     def wrap(self, model: nn.Module) -> nn.Module:

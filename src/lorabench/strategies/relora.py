@@ -39,6 +39,7 @@ class ReLoRAConfig(StrategyConfig):
     alpha: float = 16.0  # α: each cycle's update is scaled by α/r
     dropout: float = 0.0  # dropout on the adapter input only
     target_modules: Any = "all-linear"  # linears that get adapters; all-linear = attention + MLP in Llama (lm_head excluded)
+    quantize_modules: Any = "all-linear"  # base=nf4: linears stored in 4 bits (the whole decoder, as QLoRA)
     reset_every: int = 50  # steps between merge-and-restart; also the lr restart period (optim.restart_every follows it)
     scheduler: str = "jagged_cosine"  # the lr schedule ReLoRA asks for (optim.scheduler defaults to it)
     restart_warmup_steps: int = 10  # lr re-warmup after each restart (optim.restart_warmup_steps defaults to it; jagged_cosine needs >= 1)
@@ -125,7 +126,7 @@ class ReLoRA(Strategy):
         if c.base != "nf4":
             return None
         opts = {"quant_type": "nf4", "double_quant": c.double_quant, "blocksize": c.blocksize, "compute_dtype": c.compute_dtype}
-        return BaseFormat("bnb4bit", c.target_modules, opts)
+        return BaseFormat("bnb4bit", c.quantize_modules, opts)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         c = self.cfg
