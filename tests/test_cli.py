@@ -80,3 +80,30 @@ def test_multirun_gives_one_run_dir_summary_and_wandb_run_per_job(tmp_path: Path
         ids.add(rec["run"]["id"])
         groups.add(rec["run"]["group"])
     assert len(ids) == 4 and groups == {tmp_path.name}
+
+
+def test_ctrl_c_is_one_line_exit_130_and_resumable(tmp_path) -> None:
+    """SIGINT mid-run: exit 130, one line naming the step, the checkpoint and the resume command."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import TINY
+
+    run_dir = tmp_path / "run"
+    args = [*TINY, "trainer.max_steps=100000", "trainer.checkpoint_every=2", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    proc = subprocess.Popen([sys.executable, "-m", "lorabench", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run_dir / "checkpoint.pt").exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert "Traceback" not in err and len(lines) == 1, err[-2000:]
+    assert lines[0].startswith("lorabench: interrupted at step ") and "the last checkpoint is step" in lines[0]
+    assert lines[0].endswith(f"hydra.run.dir={run_dir}") and "resume with: lorabench " in lines[0]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"

@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lorabench.checks import register_configs, validate
-from lorabench.errors import ConfigError
+from lorabench.errors import ConfigError, Interrupted
 
 log = logging.getLogger("lorabench")
 
@@ -77,6 +77,15 @@ def optimized_value(cfg: DictConfig, summary: dict[str, Any]) -> Optional[float]
     return None
 
 
+def resume_command(cfg: DictConfig) -> str:
+    """The command line that continues this job in its run dir."""
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:
+        overrides = []
+    return " ".join(["lorabench", *overrides, f"hydra.run.dir={cfg.run_dir}"])
+
+
 def run_job(cfg: DictConfig) -> Optional[float]:
     """Validate, train, report. Returns the summary's `optimized_metric` for Hydra sweepers."""
     from lorabench.training import job
@@ -91,6 +100,13 @@ def run_job(cfg: DictConfig) -> Optional[float]:
     except ConfigError as e:
         print(f"lorabench: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        print(f"lorabench: {e}; resume with: {resume_command(cfg)}", file=sys.stderr)
+        sys.exit(130)
+    if summary.get("already_completed"):
+        print(f"lorabench: {cfg.run_dir} holds a completed run; not training it again "
+              "(trainer.overwrite=true starts afresh)", file=sys.stderr)
+        return value
     log.info(
         "done: %s accuracy %s -> %s, loss %.4f, run dir %s",
         summary["strategy"],
@@ -137,8 +153,9 @@ def check_overrides(argv: list[str], conf: Path) -> Optional[str]:
         with initialize_config_dir(str(conf), version_base="1.3"):
             cfg = compose("config", overrides=single)
     except Exception as e:  # noqa: BLE001 - reduce Hydra's multi-line report to one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        cause = str(e.__cause__).strip().splitlines()[0] if e.__cause__ is not None else ""
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        first = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # "...composing config: Key 'x' not in 'Y'"
+        cause = str(e.__cause__).strip().splitlines()[0] if e.__cause__ is not None and str(e.__cause__).strip() else ""
         return f"{first} {cause}".strip()
     missing = object()
     for o in overrides:
@@ -153,7 +170,11 @@ def check_overrides(argv: list[str], conf: Path) -> Optional[str]:
 def main() -> Any:
     """Console-script entry point."""
     argv = sys.argv[1:]
-    register_configs()
+    try:
+        register_configs()  # discovers strategies: a broken or colliding strategy file is one line
+    except ConfigError as e:
+        print(f"lorabench: error: {e}", file=sys.stderr)
+        sys.exit(2)
     problem = check_group_choices(argv, Path(conf_dir())) or check_overrides(argv, Path(conf_dir()))
     if problem:
         print(f"lorabench: error: {problem}", file=sys.stderr)
