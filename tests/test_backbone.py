@@ -20,6 +20,7 @@ from lorabench.backbone import load_backbone, tiny
 from lorabench.checks import validate
 from lorabench.data.tokenizer import CHARS, SPECIALS, HFTokenizer
 from lorabench.errors import ConfigError
+from lorabench import pretrain_cli
 from lorabench.training import pretrain
 from tests.helpers import TINY, compose_cfg
 
@@ -160,7 +161,7 @@ def test_the_pretrain_command_refuses_bad_arguments_in_one_line(tmp_path: Path, 
         ["--out", str(monkey_out)],
     ]
     for argv in cases:
-        assert pretrain.main(argv) == 2
+        assert pretrain_cli.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("lorabench-pretrain: error:") and "\n" not in err, (argv, err)
     assert (monkey_out / "notes.txt").read_text() == "keep me"
@@ -171,7 +172,7 @@ def test_the_pretrain_command_refuses_bad_arguments_in_one_line(tmp_path: Path, 
 def test_a_rebuild_reproduces_the_recorded_early_losses(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "rebuilt"
     assert torch.get_num_threads() == 1
-    assert pretrain.main(["--out", str(out), "--steps", str(REBUILD_STEPS)]) == 0
+    assert pretrain_cli.main(["--out", str(out), "--steps", str(REBUILD_STEPS)]) == 0
     printed = capsys.readouterr().out
     rebuilt = json.loads((out / tiny.RECORD).read_text())
     shipped = record()

@@ -17,6 +17,9 @@ from lorabench.utils import DTYPES
 
 def load_backbone(cfg: Any, seed: int, device: torch.device) -> tuple[torch.nn.Module, Tokenizer]:
     """(model, tokenizer) for `model.source` = tiny | hf, cast to `model.dtype`."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per job says nothing in sweep logs
     if cfg.source == "hf":
         return load_hf(cfg, device)
     model, tok = load_tiny(cfg, seed, device)
