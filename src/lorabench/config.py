@@ -14,7 +14,7 @@ from omegaconf import MISSING
 
 @dataclass
 class ModelConfig:
-    source: str = "tiny"  # tiny: self-pretrained embedded Llama | hf: any AutoModelForCausalLM
+    source: str = "tiny"  # tiny: the embedded Llama (shipped weights for the default keys) | hf: any AutoModelForCausalLM
     name_or_path: Optional[str] = None  # hf only: hub id or local model dir
     dtype: str = "fp32"  # fp32 | bf16: dtype of the (unquantized) base weights
     hidden_size: int = 256  # tiny: model width (multiple of 64 so INT-N groups of 32/64 divide it)
@@ -27,7 +27,7 @@ class ModelConfig:
     pretrain_lr: float = 2e-3  # tiny: peak AdamW lr of the pretraining cosine schedule
     pretrain_seed: int = 0  # tiny: seed of init and corpus (part of the cache key)
     pretrain_families: list[str] = field(default_factory=lambda: ["add", "reverse", "copy", "kv"])  # tiny: task families mixed into the corpus
-    cache_dir: str = "${oc.env:LORABENCH_CACHE,${oc.env:HOME,/tmp}/.cache/lorabench}"  # where pretrained tiny backbones are kept
+    cache_dir: str = "${oc.env:LORABENCH_CACHE,${oc.env:HOME,/tmp}/.cache/lorabench}"  # where tiny backbones of non-shipped recipes are pretrained to
 
 
 @dataclass
