@@ -3,7 +3,7 @@
 expected = packed 4-bit weights + every quant_state tensor (absmax, code tables, nested
 absmax, offset) from the format's definition + unquantized parts at their dtype + 16 B per
 trainable parameter; measured = bytes of every distinct storage really held (weights and
-quant_state, grads, AdamW state). They must agree within 1% (DESIGN.md §3).
+quant_state, grads, AdamW state). They must agree within 1% (docs/memory.md).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def qlora_after_one_step(double_quant: bool, device: str = "cpu", compute_dtype:
 
 
 def test_bytes_per_weight_match_the_paper():
-    """0.5625 B/param without double quant, 0.51587 with (DESIGN.md §3), plus fixed constants."""
+    """0.5625 B/param without double quant, 0.51587 with (docs/memory.md), plus fixed constants."""
     n = 64 * 256 * 64  # a whole number of blocks and of second-level blocks
     per_tensor_dq = 16 * 4 + 256 * 4 + 4  # nf4 code table, second-level code table, offset
     assert (bnb4bit.expected_linear4bit_bytes(n, 64, True) - per_tensor_dq) / n == pytest.approx(0.515869, abs=1e-6)
