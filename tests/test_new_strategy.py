@@ -113,3 +113,30 @@ def test_a_wrap_that_raises_is_one_line(tree: Path) -> None:
     err = proc.stderr.strip().splitlines()
     assert err == ["lorabench: error: strategy.name: strategy 'lora_fa' failed in wrap: RuntimeError: no adapters for you"]
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
+
+
+def third_party(name: str, cls: str) -> str:
+    """The LoRA-FA file as another package's strategy `name`, class `cls`."""
+    return LORA_FA.replace('"lora_fa"', f'"{name}"').replace("LoRAFA", cls)
+
+
+def test_a_strategy_from_another_package_by_target_or_entry_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`strategy._target_: pkg.module.Class` and the `lorabench.strategies` entry-point group
+    both bring in a strategy that lives outside lorabench."""
+    from lorabench.strategies import registry
+
+    (tmp_path / "by_target.py").write_text(third_party("by_target", "ByTarget"))
+    (tmp_path / "by_entry_point.py").write_text(third_party("by_entry_point", "ByEntryPoint"))
+    dist = tmp_path / "thirdparty-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[lorabench.strategies]\nby_entry_point = by_entry_point\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # this test's strategies leave the process's registry as they found it
+    monkeypatch.setattr(registry.STRATEGIES, "_entries", dict(registry.STRATEGIES._entries))
+    strategy = registry.build_strategy({"_target_": "by_target.ByTarget", "name": "by_target", "rank": 2})
+    assert type(strategy).__name__ == "ByTarget" and strategy.cfg.rank == 2
+    monkeypatch.setattr(registry, "_discovered", False)  # discover again, now with the entry point on the path
+    assert "by_entry_point" in registry.available()
+    with pytest.raises(Exception, match=r"strategy._target_: cannot import 'by_target.Nope'"):
+        registry.build_strategy({"_target_": "by_target.Nope", "name": "x"})
