@@ -52,10 +52,13 @@ def test_bad_input_is_one_line_and_nonzero_exit(tmp_path: Path, args: list[str],
 
 
 def test_python_dash_m_runs_a_tiny_job(tmp_path: Path) -> None:
-    proc = cli(tmp_path, "strategy=lora", "trainer.max_steps=2")
+    proc = cli(tmp_path, "strategy=lora", "trainer.max_steps=2", "optim.lr=0.002")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["train/steps"] == 2
+    # every launch override is recorded (optim.lr is not among the summary's own keys)
+    assert summary["overrides"][-3:] == ["strategy=lora", "trainer.max_steps=2", "optim.lr=0.002"]
+    assert summary["train/threads"] >= 1
 
 
 def test_multirun_gives_one_run_dir_summary_and_wandb_run_per_job(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ Bad input ends here as one line on stderr and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -17,7 +18,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lorabench.checks import register_configs, validate
+from lorabench.sweep import LAST_SWEEP, one_line
 from lorabench.errors import ConfigError, Interrupted
+from lorabench.utils import atomic_write_text
 
 log = logging.getLogger("lorabench")
 
@@ -86,23 +89,80 @@ def resume_command(cfg: DictConfig) -> str:
     return " ".join(["lorabench", *overrides, f"hydra.run.dir={cfg.run_dir}"])
 
 
+def is_multirun() -> bool:
+    """Whether this job is one of a Hydra multirun."""
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
+
+
+def auto_threads(cfg: DictConfig) -> None:
+    """Under the joblib launcher with trainer.threads=0, give each job cores // n_jobs threads
+    (at least 1) so parallel jobs do not oversubscribe the CPU; a user-set value is kept."""
+    if cfg.trainer.threads or not is_multirun():
+        return
+    launcher = HydraConfig.get().launcher
+    if "joblib" not in str(launcher.get("_target_", "")).lower():
+        return  # the basic launcher runs one job at a time: it may use every core
+    cores = os.cpu_count() or 1
+    n_jobs = launcher.get("n_jobs", -1) or 1
+    if n_jobs < 0:
+        n_jobs = max(1, cores + 1 + n_jobs)  # joblib: -1 = all cores, -2 = all but one, ...
+    with open_dict(cfg):
+        cfg.trainer.threads = max(1, cores // n_jobs)
+
+
+def task_overrides() -> list[str]:
+    """The overrides this job was launched with (empty outside Hydra)."""
+    try:
+        return [str(o) for o in HydraConfig.get().overrides.task]
+    except ValueError:
+        return []
+
+
+def record_failed(cfg: DictConfig, reason: str) -> None:
+    """A summary.json with status failed for a job that failed before training started
+    (job.run writes its own for failures inside training)."""
+    path = Path(cfg.run_dir) / "summary.json"
+    if path.exists() and json.loads(path.read_text()).get("status") == "failed":
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    summary = {"status": "failed", "error": reason, "strategy": cfg.strategy.get("name"), "seed": cfg.get("seed"),
+               "overrides": task_overrides()}
+    atomic_write_text(path, json.dumps(summary, indent=2, sort_keys=True))
+
+
 def run_job(cfg: DictConfig) -> Optional[float]:
-    """Validate, train, report. Returns the summary's `optimized_metric` for Hydra sweepers."""
+    """Validate, train, report. Returns the summary's `optimized_metric` for Hydra sweepers.
+
+    A single run's bad input exits 2 (one line). In a multirun a failed job is recorded
+    (summary.json, status failed) and returns None so the other jobs run; SweepCallback turns
+    failures into the sweep's exit code. Sweepers that rank results (optuna) get the exception.
+    """
     from lorabench.training import job
 
     fill_runtime_keys(cfg)
+    multirun = is_multirun()
     try:
         validate(cfg)
+        auto_threads(cfg)
         if cfg.extras.print_config:
             print_config_tree(cfg)
         summary = job.run(cfg)
         value = optimized_value(cfg, summary)
     except ConfigError as e:
-        print(f"lorabench: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        if not multirun:
+            print(f"lorabench: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        return job_failed(cfg, str(e), e)
     except Interrupted as e:
         print(f"lorabench: {e}; resume with: {resume_command(cfg)}", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - one failed job of a multirun must not end the sweep
+        if not multirun:
+            raise
+        return job_failed(cfg, f"{type(e).__name__}: {e}", e)
     if summary.get("already_completed"):
         print(f"lorabench: {cfg.run_dir} holds a completed run; not training it again "
               "(trainer.overwrite=true starts afresh)", file=sys.stderr)
@@ -116,6 +176,15 @@ def run_job(cfg: DictConfig) -> Optional[float]:
         cfg.run_dir,
     )
     return value
+
+
+def job_failed(cfg: DictConfig, reason: str, error: Exception) -> None:
+    """Record one failed multirun job and print its line; re-raise for ranking sweepers."""
+    record_failed(cfg, reason)
+    print(f"lorabench: error: job {HydraConfig.get().job.num} failed (run dir {cfg.run_dir}): {reason}", file=sys.stderr)
+    if not str(HydraConfig.get().sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        raise error
+    return None
 
 
 # config groups a `group=choice` override may name (checked for a YAML before Hydra composes)
@@ -153,10 +222,7 @@ def check_overrides(argv: list[str], conf: Path) -> Optional[str]:
         with initialize_config_dir(str(conf), version_base="1.3"):
             cfg = compose("config", overrides=single)
     except Exception as e:  # noqa: BLE001 - reduce Hydra's multi-line report to one line
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-        first = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # "...composing config: Key 'x' not in 'Y'"
-        cause = str(e.__cause__).strip().splitlines()[0] if e.__cause__ is not None and str(e.__cause__).strip() else ""
-        return f"{first} {cause}".strip()
+        return one_line(e)
     missing = object()
     for o in overrides:
         key = o.partition("=")[0]
@@ -180,7 +246,12 @@ def main() -> Any:
         print(f"lorabench: error: {problem}", file=sys.stderr)
         sys.exit(2)
     app = hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")(run_job)
-    return app()
+    LAST_SWEEP.update(jobs=0, failed=0)
+    result = app()
+    if LAST_SWEEP["failed"]:
+        print(f"lorabench: {LAST_SWEEP['failed']} of {LAST_SWEEP['jobs']} jobs failed", file=sys.stderr)
+        sys.exit(1)
+    return result
 
 
 if __name__ == "__main__":

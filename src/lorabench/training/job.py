@@ -40,8 +40,19 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run one job end to end; returns its summary (also written to summary.json).
+def launch_overrides() -> list[str]:
+    """The command-line overrides of this Hydra job (empty outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return [str(o) for o in HydraConfig.get().overrides.task]
+    except ValueError:
+        return []
+
+
+def run(cfg: DictConfig, overrides: Optional[list[str]] = None) -> dict[str, Any]:
+    """Run one job end to end; returns its summary (also written to summary.json, with the
+    command-line `overrides` the job was launched with and the torch threads it used).
 
     A run dir that holds a completed run is not trained again (its summary is returned);
     `trainer.overwrite=true` clears it first. Ctrl-C ends the job as `interrupted` and raises
@@ -62,7 +73,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     strategy = build_strategy(cfg.strategy, seed=cfg.seed)
     tags = [f"strategy:{cfg.strategy.name}", f"seed:{cfg.seed}", f"task:{cfg.task.name}", *strategy.tags()]
     tracker = Tracker(cfg, run_dir, tags=tags, name=strategy.run_name(cfg.seed))
-    summary: dict[str, Any] = {"status": "running", "strategy": cfg.strategy.name, "seed": cfg.seed}
+    summary: dict[str, Any] = {
+        "status": "running", "strategy": cfg.strategy.name, "seed": cfg.seed,
+        "overrides": launch_overrides() if overrides is None else list(overrides),
+        "train/threads": torch.get_num_threads(),
+    }
     holder: dict[str, Trainer] = {}
     failed = True
     try:

@@ -1,0 +1,191 @@
+"""Multiruns that survive their bad jobs: up-front validation, failure records, a sweep summary.
+
+Hydra's BasicSweeper re-raises the first failed job's exception after its batch (ending the
+sweep without a record), and a bad value composed inside the launcher ends it with a
+multi-line report. So `cli.run_job` records a failed job and returns, and `SweepCallback`
+(configured under `hydra.callbacks` in conf/hydra/default.yaml) validates every job before the
+first one starts, then writes `sweep_summary.csv`, prints a table and sets the sweep's exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from lorabench.errors import ConfigError
+from lorabench.utils import atomic_write_text
+
+# Jobs of the last multirun in this process that did not complete (cli.main turns it into the exit code).
+LAST_SWEEP: dict[str, int] = {"jobs": 0, "failed": 0}
+# Summary metrics shown in the printed table (all of them go to sweep_summary.csv).
+TABLE_METRICS = ("eval/accuracy", "eval/loss", "memory/peak_bytes", "train/wall_seconds")
+# The override that varies between repetitions of one configuration.
+SEED_KEY = "seed"
+
+
+def one_line(e: BaseException) -> str:
+    """Hydra's multi-line composition report reduced to one line ("...: Key 'x' not in 'Y'")."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+    first = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    cause = str(e.__cause__).strip().splitlines()[0] if e.__cause__ is not None and str(e.__cause__).strip() else ""
+    return f"{first} {cause}".strip()
+
+
+def expand_jobs(overrides: list[str]) -> list[list[str]]:
+    """The jobs a BasicSweeper launches for these task overrides, in its order."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # Hydra's own expansion, not redone by hand
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def job_problem(config_name: str, overrides: list[str]) -> tuple[Optional[str], bool]:
+    """(one-line reason or None, whether it is a composition error) for one job's overrides."""
+    from hydra import compose
+
+    from lorabench.checks import validate
+
+    try:
+        cfg = compose(config_name=config_name, overrides=overrides)
+    except Exception as e:  # noqa: BLE001 - any composition failure is one line
+        return one_line(e), True
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        return str(e), False
+    return None, False
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, str]:
+    """`key=value` strings as a dict (the leading +/~ kept off the key)."""
+    out = {}
+    for o in overrides:
+        key, _, value = o.partition("=")
+        out[key.lstrip("+~")] = value
+    return out
+
+
+def collect(sweep_dir: Path) -> pd.DataFrame:
+    """One row per job dir under `sweep_dir` (found by its .hydra/overrides.yaml): job number,
+    overrides, status, error and every scalar summary metric. A job without a summary failed."""
+    rows = []
+    for hydra_dir in sorted(Path(sweep_dir).glob("*/.hydra")):
+        if not (hydra_dir / "overrides.yaml").exists():
+            continue
+        job_dir = hydra_dir.parent
+        overrides = [str(o) for o in OmegaConf.load(hydra_dir / "overrides.yaml")]
+        num = OmegaConf.select(OmegaConf.load(hydra_dir / "hydra.yaml"), "hydra.job.num", default=None) \
+            if (hydra_dir / "hydra.yaml").exists() else None
+        path = job_dir / "summary.json"
+        try:
+            summary = json.loads(path.read_text()) if path.exists() else None
+        except json.JSONDecodeError:
+            summary = None
+        if summary is None:
+            summary = {"status": "failed", "error": f"no readable summary.json in {job_dir} (the job was killed?)"}
+        row: dict[str, Any] = {"job": num, "overrides": " ".join(overrides), "job_dir": str(job_dir)}
+        row.update({k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
+        if row.get("status") != "completed":
+            row["status"] = row.get("status") or "failed"
+            row.setdefault("error", f"status {row['status']}")
+        row.update({f"override:{k}": v for k, v in parse_overrides(overrides).items()})
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if not df.empty and df["job"].notna().all():
+        df = df.sort_values("job", kind="stable").reset_index(drop=True)
+    return df
+
+
+def mean_std(values: pd.Series) -> str:
+    """'mean ± std' (sample std over seeds), or just the mean for a single seed."""
+    values = values.dropna().astype(float)
+    if values.empty:
+        return ""
+    if len(values) == 1:
+        return f"{values.iloc[0]:.4g}"
+    return f"{values.mean():.4g} ± {values.std(ddof=1):.4g}"
+
+
+def table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration of completed jobs: every varying override except the seed,
+    mean ± std of each table metric, and the number of seeds."""
+    override_cols = [c for c in df.columns if c.startswith("override:")]
+    varying = [c for c in override_cols if c != f"override:{SEED_KEY}" and df[c].nunique(dropna=False) > 1]
+    done = df[df["status"] == "completed"]
+    if done.empty:
+        return pd.DataFrame()
+    metrics = [m for m in TABLE_METRICS if m in done.columns]
+    keys = varying or [lambda _: "all"]
+    rows = []
+    for name, group in done.groupby(keys, dropna=False, sort=False):
+        name = name if isinstance(name, tuple) else (name,)
+        row = {c.removeprefix("override:"): v for c, v in zip(varying, name)} if varying else {"config": "all"}
+        row.update({m: mean_std(group[m]) for m in metrics})
+        row["seeds"] = len(group)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def report(sweep_dir: Path) -> tuple[int, int]:
+    """Write `sweep_summary.csv`, print the table and the failed jobs; (jobs, failed)."""
+    df = collect(sweep_dir)
+    if df.empty:
+        print(f"lorabench: no job dirs under {sweep_dir}", file=sys.stderr)
+        return 0, 0
+    out = df.drop(columns=[c for c in df.columns if c.startswith("override:")])
+    atomic_write_text(Path(sweep_dir) / "sweep_summary.csv", out.to_csv(index=False))
+    t = table(df)
+    print(f"sweep summary {sweep_dir}: {len(df)} jobs, {int((df['status'] != 'completed').sum())} failed")
+    if not t.empty:
+        print(t.to_string(index=False))
+    failed = df[df["status"] != "completed"]
+    swept = [c for c in df.columns if c.startswith("override:") and df[c].nunique(dropna=False) > 1]
+    for _, r in failed.iterrows():
+        which = " ".join(f"{c.removeprefix('override:')}={r[c]}" for c in swept) or r["overrides"]
+        print(f"failed: job {r['job']} ({which}): {r.get('error', '')}")
+    print(f"wrote {Path(sweep_dir) / 'sweep_summary.csv'}")
+    return len(df), len(failed)
+
+
+class SweepCallback(Callback):
+    """Validates every job of a multirun before the first one starts; summarises it at the end."""
+
+    def __init__(self) -> None:
+        self.sweep_dir: Optional[Path] = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        LAST_SWEEP.update(jobs=0, failed=0)
+        self.sweep_dir = Path(str(config.hydra.sweep.dir))  # resolved once: ${now:} is cached
+        if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+            return  # other sweepers (optuna) choose their jobs as they go
+        overrides = [str(o) for o in config.hydra.overrides.task]
+        problems, composition = [], False
+        jobs = expand_jobs(overrides)
+        swept = [o for o in jobs[0] if any(o not in job for job in jobs)] if len(jobs) > 1 else []
+        swept_keys = {o.partition("=")[0] for o in swept}
+        for num, job in enumerate(jobs):
+            reason, bad_compose = job_problem(kwargs.get("config_name") or "config", job)
+            if reason:
+                which = " ".join(o for o in job if o.partition("=")[0] in swept_keys) or " ".join(job)
+                problems.append(f"lorabench: error: job {num} ({which}): {reason}")
+                composition = composition or bad_compose
+        for line in problems:
+            print(line, file=sys.stderr)
+        if composition:
+            sys.exit(2)  # Hydra cannot launch a sweep whose job does not compose: nothing has run
+        if problems:
+            print(f"lorabench: {len(problems)} invalid job(s) are recorded as failed without running; "
+                  "the others run", file=sys.stderr)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.sweep_dir is None:
+            return
+        jobs, failed = report(self.sweep_dir)
+        LAST_SWEEP.update(jobs=jobs, failed=failed)
