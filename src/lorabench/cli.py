@@ -14,11 +14,12 @@ from typing import Any, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lorabench.checks import register_configs, validate
-from lorabench.sweep import LAST_SWEEP, one_line
+from lorabench.training.sweep import LAST_SWEEP, expand_jobs, one_line, report
 from lorabench.errors import ConfigError, Interrupted
 from lorabench.utils import atomic_write_text
 
@@ -185,6 +186,58 @@ def job_failed(cfg: DictConfig, reason: str, error: Exception) -> None:
     if not str(HydraConfig.get().sweeper.get("_target_", "")).endswith("BasicSweeper"):
         raise error
     return None
+
+
+def job_problem(config_name: str, overrides: list[str]) -> tuple[Optional[str], bool]:
+    """(one-line reason or None, whether it is a composition error) for one job's overrides."""
+    from hydra import compose
+
+    try:
+        cfg = compose(config_name=config_name, overrides=overrides)
+    except Exception as e:  # noqa: BLE001 - any composition failure is one line
+        return one_line(e), True
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        return str(e), False
+    return None, False
+
+
+class SweepCallback(Callback):
+    """Validates every job of a multirun before the first one starts; summarises it at the end."""
+
+    def __init__(self) -> None:
+        self.sweep_dir: Optional[Path] = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        LAST_SWEEP.update(jobs=0, failed=0)
+        self.sweep_dir = Path(str(config.hydra.sweep.dir))  # resolved once: ${now:} is cached
+        if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+            return  # other sweepers (optuna) choose their jobs as they go
+        overrides = [str(o) for o in config.hydra.overrides.task]
+        problems, composition = [], False
+        jobs = expand_jobs(overrides)
+        swept = [o for o in jobs[0] if any(o not in job for job in jobs)] if len(jobs) > 1 else []
+        swept_keys = {o.partition("=")[0] for o in swept}
+        for num, job in enumerate(jobs):
+            reason, bad_compose = job_problem(kwargs.get("config_name") or "config", job)
+            if reason:
+                which = " ".join(o for o in job if o.partition("=")[0] in swept_keys) or " ".join(job)
+                problems.append(f"lorabench: error: job {num} ({which}): {reason}")
+                composition = composition or bad_compose
+        for line in problems:
+            print(line, file=sys.stderr)
+        if composition:
+            sys.exit(2)  # Hydra cannot launch a sweep whose job does not compose: nothing has run
+        if problems:
+            print(f"lorabench: {len(problems)} invalid job(s) are recorded as failed without running; "
+                  "the others run", file=sys.stderr)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.sweep_dir is None:
+            return
+        jobs, failed = report(self.sweep_dir)
+        LAST_SWEEP.update(jobs=jobs, failed=failed)
 
 
 # config groups a `group=choice` override may name (checked for a YAML before Hydra composes)

@@ -2,9 +2,10 @@
 
 Hydra's BasicSweeper re-raises the first failed job's exception after its batch (ending the
 sweep without a record), and a bad value composed inside the launcher ends it with a
-multi-line report. So `cli.run_job` records a failed job and returns, and `SweepCallback`
+multi-line report. So `cli.run_job` records a failed job and returns, and `cli.SweepCallback`
 (configured under `hydra.callbacks` in conf/hydra/default.yaml) validates every job before the
-first one starts, then writes `sweep_summary.csv`, prints a table and sets the sweep's exit code.
+first one starts, then (with the helpers here) writes `sweep_summary.csv`, prints a table and
+sets the sweep's exit code.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import pandas as pd
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from lorabench.errors import ConfigError
 from lorabench.utils import atomic_write_text
+
+if TYPE_CHECKING:  # pandas is imported where a sweep is summarised, not on every CLI start
+    import pandas as pd
 
 # Jobs of the last multirun in this process that did not complete (cli.main turns it into the exit code).
 LAST_SWEEP: dict[str, int] = {"jobs": 0, "failed": 0}
@@ -46,23 +47,6 @@ def expand_jobs(overrides: list[str]) -> list[list[str]]:
     return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
-def job_problem(config_name: str, overrides: list[str]) -> tuple[Optional[str], bool]:
-    """(one-line reason or None, whether it is a composition error) for one job's overrides."""
-    from hydra import compose
-
-    from lorabench.checks import validate
-
-    try:
-        cfg = compose(config_name=config_name, overrides=overrides)
-    except Exception as e:  # noqa: BLE001 - any composition failure is one line
-        return one_line(e), True
-    try:
-        validate(cfg)
-    except ConfigError as e:
-        return str(e), False
-    return None, False
-
-
 def parse_overrides(overrides: list[str]) -> dict[str, str]:
     """`key=value` strings as a dict (the leading +/~ kept off the key)."""
     out = {}
@@ -75,6 +59,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, str]:
 def collect(sweep_dir: Path) -> pd.DataFrame:
     """One row per job dir under `sweep_dir` (found by its .hydra/overrides.yaml): job number,
     overrides, status, error and every scalar summary metric. A job without a summary failed."""
+    import pandas as pd
+
     rows = []
     for hydra_dir in sorted(Path(sweep_dir).glob("*/.hydra")):
         if not (hydra_dir / "overrides.yaml").exists():
@@ -116,6 +102,8 @@ def mean_std(values: pd.Series) -> str:
 def table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration of completed jobs: every varying override except the seed,
     mean ± std of each table metric, and the number of seeds."""
+    import pandas as pd
+
     override_cols = [c for c in df.columns if c.startswith("override:")]
     varying = [c for c in override_cols if c != f"override:{SEED_KEY}" and df[c].nunique(dropna=False) > 1]
     done = df[df["status"] == "completed"]
@@ -152,40 +140,3 @@ def report(sweep_dir: Path) -> tuple[int, int]:
         print(f"failed: job {r['job']} ({which}): {r.get('error', '')}")
     print(f"wrote {Path(sweep_dir) / 'sweep_summary.csv'}")
     return len(df), len(failed)
-
-
-class SweepCallback(Callback):
-    """Validates every job of a multirun before the first one starts; summarises it at the end."""
-
-    def __init__(self) -> None:
-        self.sweep_dir: Optional[Path] = None
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        LAST_SWEEP.update(jobs=0, failed=0)
-        self.sweep_dir = Path(str(config.hydra.sweep.dir))  # resolved once: ${now:} is cached
-        if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
-            return  # other sweepers (optuna) choose their jobs as they go
-        overrides = [str(o) for o in config.hydra.overrides.task]
-        problems, composition = [], False
-        jobs = expand_jobs(overrides)
-        swept = [o for o in jobs[0] if any(o not in job for job in jobs)] if len(jobs) > 1 else []
-        swept_keys = {o.partition("=")[0] for o in swept}
-        for num, job in enumerate(jobs):
-            reason, bad_compose = job_problem(kwargs.get("config_name") or "config", job)
-            if reason:
-                which = " ".join(o for o in job if o.partition("=")[0] in swept_keys) or " ".join(job)
-                problems.append(f"lorabench: error: job {num} ({which}): {reason}")
-                composition = composition or bad_compose
-        for line in problems:
-            print(line, file=sys.stderr)
-        if composition:
-            sys.exit(2)  # Hydra cannot launch a sweep whose job does not compose: nothing has run
-        if problems:
-            print(f"lorabench: {len(problems)} invalid job(s) are recorded as failed without running; "
-                  "the others run", file=sys.stderr)
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.sweep_dir is None:
-            return
-        jobs, failed = report(self.sweep_dir)
-        LAST_SWEEP.update(jobs=jobs, failed=failed)
