@@ -65,3 +65,20 @@ def test_joblib_and_parallel_are_the_same_local_process_launcher() -> None:
     assert OmegaConf.to_container(joblib) == OmegaConf.to_container(parallel)
     assert joblib._target_.endswith("JoblibLauncher")
     assert (joblib.prefer, joblib.n_jobs, joblib.require) == ("processes", 2, None)
+
+
+def test_slurm_launcher_without_slurm_is_one_line() -> None:
+    """On a machine without `srun`, the SLURM preset is refused before Hydra starts."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("srun"):
+        pytest.skip("this machine has SLURM")
+    proc = subprocess.run([sys.executable, "-m", "lorabench", "-m", "hydra/launcher=submitit_slurm", "seed=0,1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "lorabench: error: hydra/launcher=submitit_slurm: no `srun` on this machine; launch from a SLURM login node "
+        "(hydra/launcher=submitit_local runs the same code path locally)"
+    ]
