@@ -25,6 +25,7 @@ def load_runs(roots: list[Path]) -> pd.DataFrame:
     for root in roots:
         for path in sorted(Path(root).rglob("summary.json")):
             row = json.loads(path.read_text())
+            row.update(override_columns(row.get("overrides")))
             # list-valued config keys (strategy/target_modules, ...) as text, so they can be grouped by
             row = {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()}
             row["run_dir"] = str(path.parent)
@@ -32,11 +33,26 @@ def load_runs(roots: list[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def override_columns(overrides: object) -> dict[str, str]:
+    """`override/<key>` for every `key=value` a job was launched with, except the seed (the
+    runs a group averages over) and the strategy (already a column)."""
+    if not isinstance(overrides, list):
+        return {}
+    out = {}
+    for item in overrides:
+        key, sep, value = str(item).lstrip("+~").partition("=")
+        if sep and key not in ("seed", "strategy") and not key.startswith("hydra"):
+            out[f"override/{key}"] = value
+    return out
+
+
 def group_columns(df: pd.DataFrame) -> list[str]:
-    """strategy plus every strategy/* or task column that takes more than one value."""
+    """strategy plus every strategy/*, override/* or task column that takes more than one value
+    (so an lr sweep stays one row per lr, and seeds are what a row averages over)."""
     cols = ["strategy"]
     for c in df.columns:
-        if (c.startswith("strategy/") or c in ("task", "merge")) and df[c].nunique(dropna=True) > 1:
+        grouping = c.startswith(("strategy/", "override/")) or c in ("task", "merge")
+        if grouping and df[c].nunique(dropna=True) > 1:
             cols.append(c)
     return cols
 
