@@ -3,6 +3,8 @@ submitit; the SLURM preset composes with its documented keys (no cluster here); 
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import subprocess

@@ -78,11 +78,7 @@ def optimized_value(cfg: DictConfig, summary: dict[str, Any]) -> Optional[float]
     if key in summary:
         return float(summary[key])
     message = f"optimized_metric: '{key}' is not in the run's summary (e.g. {sorted(k for k in summary if k.startswith('eval/'))})"
-    try:
-        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    except ValueError:
-        multirun = False
-    if multirun:
+    if is_multirun():
         raise ConfigError(message)
     log.warning(message)
     return None
@@ -90,11 +86,9 @@ def optimized_value(cfg: DictConfig, summary: dict[str, Any]) -> Optional[float]
 
 def resume_command(cfg: DictConfig) -> str:
     """The command line that continues this job in its run dir."""
-    try:
-        overrides = list(HydraConfig.get().overrides.task)
-    except ValueError:
-        overrides = []
-    return " ".join(["lorabench", *overrides, f"hydra.run.dir={cfg.run_dir}"])
+    from lorabench.training.job import launch_overrides
+
+    return " ".join(["lorabench", *launch_overrides(), f"hydra.run.dir={cfg.run_dir}"])
 
 
 def is_multirun() -> bool:
@@ -121,23 +115,17 @@ def auto_threads(cfg: DictConfig) -> None:
         cfg.trainer.threads = max(1, cores // n_jobs)
 
 
-def task_overrides() -> list[str]:
-    """The overrides this job was launched with (empty outside Hydra)."""
-    try:
-        return [str(o) for o in HydraConfig.get().overrides.task]
-    except ValueError:
-        return []
-
-
 def record_failed(cfg: DictConfig, reason: str) -> None:
     """A summary.json with status failed for a job that failed before training started
     (job.run writes its own for failures inside training)."""
+    from lorabench.training.job import launch_overrides
+
     path = Path(cfg.run_dir) / "summary.json"
     if path.exists() and json.loads(path.read_text()).get("status") == "failed":
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     summary = {"status": "failed", "error": reason, "strategy": cfg.strategy.get("name"), "seed": cfg.get("seed"),
-               "overrides": task_overrides()}
+               "overrides": launch_overrides()}
     atomic_write_text(path, json.dumps(summary, indent=2, sort_keys=True))
 
 

@@ -50,7 +50,7 @@ def launch_overrides() -> list[str]:
         return []
 
 
-def run(cfg: DictConfig, overrides: Optional[list[str]] = None) -> dict[str, Any]:
+def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one job end to end; returns its summary (also written to summary.json, with the
     command-line `overrides` the job was launched with and the torch threads it used).
 
@@ -74,20 +74,20 @@ def run(cfg: DictConfig, overrides: Optional[list[str]] = None) -> dict[str, Any
     tags = [f"strategy:{cfg.strategy.name}", f"seed:{cfg.seed}", f"task:{cfg.task.name}", *strategy.tags()]
     tracker = Tracker(cfg, run_dir, tags=tags, name=strategy.run_name(cfg.seed))
     summary: dict[str, Any] = {
-        "status": "running", "strategy": cfg.strategy.name, "seed": cfg.seed,
-        "overrides": launch_overrides() if overrides is None else list(overrides),
+        "status": "running", "strategy": cfg.strategy.name, "seed": cfg.seed, "task": cfg.task.name,
+        "overrides": launch_overrides(),
         "train/threads": torch.get_num_threads(),
     }
-    holder: dict[str, Trainer] = {}
+    trainer: Optional[Trainer] = None
     failed = True
     try:
-        summary.update(_train(cfg, strategy, run_dir, device, tracker, holder))
+        trainer = build_trainer(cfg, device, tracker, run_dir, strategy, started_at=time.perf_counter())
+        summary.update(_train(trainer))
         summary["status"] = "completed"
         (run_dir / "error.txt").unlink(missing_ok=True)  # an earlier attempt's error is history now
         failed = False
         return summary
     except KeyboardInterrupt:
-        trainer = holder.get("trainer")
         step = trainer.state.step if trainer else 0
         last = trainer.last_checkpoint if trainer else None
         summary.update(status="interrupted", error=f"interrupted at step {step}", step=step)
@@ -146,13 +146,9 @@ def build_trainer(
     )
 
 
-def _train(
-    cfg: DictConfig, strategy: Strategy, run_dir: Path, device: torch.device, tracker: Tracker,
-    holder: dict[str, Trainer],
-) -> dict[str, Any]:
-    trainer = build_trainer(cfg, device, tracker, run_dir, strategy, started_at=time.perf_counter())
-    holder["trainer"] = trainer  # so an interruption can say which step it reached
-    model = trainer.model
+def _train(trainer: Trainer) -> dict[str, Any]:
+    """Fit, score the merged model, write the artifacts; returns the summary's figures."""
+    model, strategy, run_dir, device = trainer.model, trainer.strategy, trainer.run_dir, trainer.device
     trainer.setup()
     final = trainer.fit()
     peaks = {"memory/peak_bytes": memory.peak_bytes(device)}  # training's peak, before any merge
@@ -165,7 +161,7 @@ def _train(
         del merged
         peaks["memory/peak_merge_bytes"] = memory.peak_bytes(device)  # merging and scoring the merged model
     end.update(strategy.final_metrics(model))
-    tracker.log(end, step=trainer.state.step)
+    trainer.tracker.log(end, step=trainer.state.step)
     strategy.save_artifacts(model, run_dir)
 
     st = trainer.state
@@ -179,7 +175,6 @@ def _train(
         "train/wall_seconds": round(trainer.wall_seconds(), 3),
         "train/train_seconds": round(st.train_seconds, 3),
         "train/tokens_per_second": trainer.tokens_per_second(),
-        "task": cfg.task.name,
         "device": str(device),
         **{f"strategy/{k}": v for k, v in strategy.identity().items()},
     }

@@ -122,9 +122,8 @@ class Trainer:
         if self.config is not None and "config" in ckpt:
             check_same_config(ckpt["config"], self.config, path)
         self.state = TrainState(**ckpt["state"])
-        self.strategy.apply_phase(self.model, self.state.step)
-        self.strategy.load_state_dict(self.model, ckpt["strategy"])
-        self.start_phase(self.state.step)
+        self.start_phase(self.state.step)  # the phase's trainable set and a fresh optimizer over it
+        self.strategy.load_state_dict(self.model, ckpt["strategy"])  # in place: the optimizer keeps its params
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"].cpu())
