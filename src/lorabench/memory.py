@@ -137,6 +137,28 @@ def measured_bytes(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] 
     return storage_bytes(tensors)
 
 
+def measured_breakdown(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, int]:
+    """`measured_bytes` split by what holds each storage: trainable parameters, the frozen base
+    (frozen weights, buffers, quantization state), gradients, optimizer state. Each storage counts
+    once, in the first of those it appears in, so the four parts sum to `measured_bytes`."""
+    acc = account_model(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    parts = {
+        "trainable": trainable,
+        "base": acc.held_tensors,
+        "grad": [p.grad for p in model.parameters() if p.grad is not None],
+        "optimizer": [v for state in (optimizer.state.values() if optimizer is not None else [])
+                      for v in state.values() if isinstance(v, torch.Tensor)],
+    }
+    seen: set[tuple[str, int]] = set()
+    out = {}
+    for name, tensors in parts.items():
+        fresh = [t for t in tensors if isinstance(t, torch.Tensor) and storage_key(t) not in seen]
+        out[name] = storage_bytes(fresh)
+        seen.update(k for k in map(storage_key, fresh) if k is not None)
+    return out
+
+
 def model_storages(model: nn.Module) -> set[tuple[str, int]]:
     """Storage keys of everything the model itself holds (parameters, buffers, quantization
     state): the tensors `measured_bytes` already counts."""

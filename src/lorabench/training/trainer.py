@@ -190,6 +190,7 @@ class Trainer:
             "memory/measured_bytes": memory.measured_bytes(self.model, self.optimizer),
             "memory/expected_bytes": int(now.expected_bytes),
             "memory/formula_bytes": self.strategy.formula_bytes(now.base_params, now.trainable_params),
+            **{f"memory/measured_{k}_bytes": v for k, v in memory.measured_breakdown(self.model, self.optimizer).items()},
             "params/base": now.base_params,
             "params/base_quantized": now.base_quantized,
             "params/trainable": now.trainable_params,
