@@ -1,4 +1,5 @@
-"""`lorabench-eval <run_dir> [--merged]`: score a finished run again, without training.
+"""`lorabench-eval <run_dir> [--merged] [--export gguf --out FILE]`: score a finished run again,
+without training, or export its merged model for another runtime.
 
 Why: a run's numbers must be reproducible from its run dir alone. The job's composed config
 (`.hydra/config.yaml`, written by Hydra for every job) rebuilds the model exactly as the job
@@ -6,7 +7,9 @@ did (`build_trainer`: same backbone, quantization, seeded wrap and task data); t
 `final_state.pt` puts the trained tensors back (`load_artifacts`); the trainer's own
 `evaluate` scores it. `--merged` scores the strategy's merged model instead (as the job's
 `eval/*_merged`). Metrics go to stdout and into `<run_dir>/eval.json` (keys as in summary.json).
-Bad input is one line on stderr and exit code 2.
+`--export gguf --out FILE` writes the merged model (QA-LoRA: INT-N merged into its zero points)
+as GGUF, which llama.cpp and transformers load (docs/export.md); a width or group size the format
+cannot hold is refused in one line. Bad input is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -77,6 +80,40 @@ def evaluate_run(run_dir: Path, merged: bool = False, device: Optional[str] = No
     return {f"eval/{k}_merged": v for k, v in trainer.evaluate(model).items()}
 
 
+EXPORT_FORMATS = ("gguf",)  # --export choices (docs/export.md)
+
+
+def merged_model(run_dir: Path, device: Optional[str] = None) -> tuple[Any, Any]:
+    """(the run's merged model as `--merged` scores it, the run's HF tokenizer)."""
+    import torch
+
+    from lorabench.training.job import build_trainer, pick_device
+
+    cfg = load_run_config(run_dir)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    trainer = build_trainer(cfg, pick_device(device or cfg.trainer.device), run_dir=run_dir)
+    trainer.strategy.load_artifacts(trainer.model, run_dir)
+    model = trainer.strategy.merged_for_eval(trainer.model, run_dir)
+    if model is None:
+        raise ConfigError(
+            f"--export: strategy '{cfg.strategy.name}' has no merged model for this run "
+            f"(strategy.merge={cfg.strategy.get('merge', 'none')}); export needs one"
+        )
+    return model.eval(), trainer.data.tok.tok
+
+
+def export_run(run_dir: Path, fmt: str, out: Optional[Path], device: Optional[str] = None) -> dict[str, Any]:
+    """Export the run's merged model to `out` in format `fmt`; returns what was written."""
+    from lorabench.quant.export_gguf import export_gguf
+
+    if out is None:
+        raise ConfigError(f"--out: --export {fmt} needs an output file (--out FILE)")
+    model, tok = merged_model(run_dir, device)
+    counts = export_gguf(model, tok, out)
+    return {"export/format": fmt, "export/path": str(out), **{f"export/{k}": v for k, v in counts.items()}}
+
+
 def write_eval(run_dir: Path, metrics: dict[str, Any]) -> Path:
     """Merge `metrics` into `<run_dir>/eval.json` (so plain and merged scores sit side by side)."""
     from lorabench.utils import atomic_write_text
@@ -97,10 +134,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="lorabench-eval", description="Score a finished lorabench run without training.")
     parser.add_argument("run_dir", type=Path, help="a run dir (holds .hydra/config.yaml and final_state.pt)")
     parser.add_argument("--merged", action="store_true", help="score the strategy's merged model (as eval/*_merged)")
+    parser.add_argument("--export", choices=EXPORT_FORMATS, default=None, help="write the merged model in this format (with --out)")
+    parser.add_argument("--out", type=Path, default=None, help="the file --export writes")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="default: the run's trainer.device")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.export:
+            print(json.dumps(export_run(args.run_dir, args.export, args.out, args.device), indent=2, sort_keys=True))
+            return 0
         metrics = evaluate_run(args.run_dir, merged=args.merged, device=args.device)
     except ConfigError as e:
         print(f"lorabench-eval: error: {e}", file=sys.stderr)

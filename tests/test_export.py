@@ -1,0 +1,166 @@
+"""GGUF export of a merged QA-LoRA model: codes and scales bit for bit, zero points to fp16, and
+logits that two runtimes other than lorabench (transformers + gguf, llama.cpp) compute from the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lorabench.adapters.qalora import qalora_layers
+from lorabench.data.tokenizer import CharTokenizer
+from lorabench.errors import ConfigError
+from lorabench.quant.export_gguf import check_gguf_exportable, export_gguf
+from lorabench.quant.intn import IntNLinear, dequantize_state, unpack_codes
+from lorabench.strategies import build_strategy
+from lorabench.training.job import wrap_model
+from tests.helpers import run_tiny, tiny_llama
+
+gguf = pytest.importorskip("gguf")
+FP16_REL = 2.0**-11  # fp16 rounds a normal value by at most this fraction of it
+FP16_SUBNORMAL_STEP = 2.0**-24  # and a subnormal one by at most half of this
+TEXT = "12+34=46; abc, xyz?"
+
+
+def merged_qalora(bits: int, group_size: int = 32, seed: int = 3) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the merged INT-N model, the same base without its adapter) for a tiny Llama over the
+    character vocabulary, with a random non-zero B so the merge moves the zero points."""
+    strategy = build_strategy({"name": "qalora", "lr": 1e-2, "bits": bits, "group_size": group_size}, seed=0)
+    model = wrap_model(strategy, tiny_llama(vocab=50, heads=2), seed=1)
+    base = strategy.merge_to_intn(model).eval()  # B = 0: the base model itself
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in qalora_layers(model):
+            layer.lora_B.weight.copy_(0.05 * torch.randn(layer.lora_B.weight.shape, generator=g))
+    return strategy.merge_to_intn(model).eval(), base
+
+
+def logits(model: torch.nn.Module, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def max_zero(model: torch.nn.Module) -> float:
+    return max(float(m.zero_points().abs().max()) for m in model.modules() if isinstance(m, IntNLinear))
+
+
+@pytest.fixture(scope="module", params=[4, 3, 2])
+def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    bits = request.param
+    merged, base = merged_qalora(bits)
+    path = tmp_path_factory.mktemp("gguf") / f"int{bits}.gguf"
+    counts = export_gguf(merged, CharTokenizer().tok, path)
+    return bits, merged, base, path, counts
+
+
+def test_q4_1_blocks_hold_codes_and_scales_bit_for_bit_and_zeros_to_fp16(exported) -> None:
+    bits, merged, _, path, counts = exported
+    assert counts == {"q4_1_tensors": 14, "f32_tensors": 7, "bytes": path.stat().st_size}
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    layer = merged.model.layers[1].mlp.down_proj  # not q/k: rows keep their order
+    t = tensors["blk.1.ffn_down.weight"]
+    assert t.tensor_type == gguf.GGMLQuantizationType.Q4_1
+    blocks = np.asarray(t.data).reshape(layer.out_features, -1, 20)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    nib = blocks[..., 4:]
+    codes = np.concatenate([nib & 0xF, nib >> 4], axis=-1).reshape(layer.out_features, layer.in_features)
+    assert np.array_equal(codes, unpack_codes(layer.qweight, bits, layer.in_features).numpy())
+    scales = layer.scales.t().numpy()  # (out, L); g = 32: one block per group
+    assert np.array_equal(d.view(np.uint16), scales.view(np.uint16))
+    exact_m = -(layer.scales.float() * layer.zero_points()).t().numpy()
+    assert np.all(np.abs(m - exact_m) <= FP16_REL * np.abs(exact_m) + FP16_SUBNORMAL_STEP)
+    # gguf's own Q4_1 decoder reproduces the harness's weight to the same bound
+    w = gguf.quants.dequantize(t.data, t.tensor_type)
+    ref = dequantize_state(layer.qweight, layer.scales, layer.zero_tensor(), layer.shape).numpy()
+    bound = FP16_REL * np.abs(np.repeat(exact_m, 32, axis=1)) + FP16_SUBNORMAL_STEP
+    assert np.all(np.abs(w - ref) <= bound)
+    assert np.abs(w - ref).max() > 0  # the merge made the zeros fractional: fp16 m does round
+
+
+def test_transformers_loads_the_gguf_with_the_merged_logits(exported) -> None:
+    """Tolerance: the merge's own (docs/qalora.md): 8 · 2^-11 · max|z'| / 2^N · max|logits|."""
+    from transformers import AutoModelForCausalLM
+
+    bits, merged, base, path, _ = exported
+    ids = CharTokenizer().encode(TEXT)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
+    want = logits(merged, ids)
+    diff = np.abs(logits(reloaded, ids) - want).max()
+    assert diff <= 8 * FP16_REL * max_zero(merged) / 2**bits * np.abs(want).max()
+    assert np.abs(logits(base, ids) - want).max() > 50 * diff  # the adapter is in the file
+
+
+def test_llama_cpp_runs_the_gguf_close_to_the_merged_logits(exported) -> None:
+    """llama.cpp's Q4_1 kernel rounds the activations to 8 bits per block of 32 (Q8_1), so its
+    logits move by more than the file's rounding: tolerance 0.15 · max|logits|, and at most a
+    quarter of the adapter's own effect on the logits."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    bits, merged, base, path, _ = exported
+    ids = CharTokenizer().encode(TEXT)
+    runtime = llama_cpp.Llama(str(path), logits_all=True, verbose=False, n_ctx=64, n_threads=1)
+    try:
+        runtime.eval(ids)
+        got = np.array(runtime.scores[: len(ids)])
+    finally:
+        runtime.close()
+    want = logits(merged, ids)
+    diff = np.abs(got - want).max()
+    assert diff <= 0.15 * np.abs(want).max()
+    assert diff <= 0.25 * np.abs(logits(base, ids) - want).max()
+
+
+def test_the_gguf_vocabulary_round_trips_through_transformers(exported) -> None:
+    from transformers import AutoTokenizer
+
+    path = exported[3]
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    assert tok.convert_ids_to_tokens(CharTokenizer().encode(TEXT)) == [c.replace(" ", "\u2581") for c in TEXT]
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(8, 32), (4, 16)])
+def test_a_width_or_group_q4_1_cannot_hold_is_one_line(bits: int, group_size: int, tmp_path: Path) -> None:
+    merged, _ = merged_qalora(bits, group_size)
+    with pytest.raises(ConfigError) as e:
+        export_gguf(merged, CharTokenizer().tok, tmp_path / "x.gguf")
+    msg = str(e.value)
+    assert "\n" not in msg and f"is INT{bits} with group_size {group_size}" in msg
+    assert "GGUF Q4_1 holds INT2/3/4 with group_size a multiple of 32" in msg
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_group_64_is_two_q4_1_blocks_per_group(tmp_path: Path) -> None:
+    merged, _ = merged_qalora(4, group_size=64)
+    check_gguf_exportable(merged)
+    path = tmp_path / "g64.gguf"
+    export_gguf(merged, CharTokenizer().tok, path)
+    t = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}["blk.0.ffn_down.weight"]
+    layer = merged.model.layers[0].mlp.down_proj
+    w = gguf.quants.dequantize(t.data, t.tensor_type)
+    ref = dequantize_state(layer.qweight, layer.scales, layer.zero_tensor(), layer.shape).numpy()
+    assert np.abs(w - ref).max() <= FP16_REL * np.abs(ref).max() * 2**4  # |s·z'| ≤ 2^4·max|w| here
+
+
+def test_lorabench_eval_exports_a_runs_merged_model(tmp_path: Path, capsys) -> None:
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from lorabench.eval_cli import main
+    from lorabench.quant.intn_io import load_intn_model
+
+    run_dir = tmp_path / "run"
+    run_tiny(run_dir, "strategy=qalora", "trainer.max_steps=2")
+    out = tmp_path / "model.gguf"
+    assert main([str(run_dir), "--export", "gguf", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["export/q4_1_tensors"] == 14 and printed["export/bytes"] == out.stat().st_size
+    merged = load_intn_model(run_dir / "merged_intn")
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name)
+    ids = list(range(3, 40))
+    want = logits(merged, ids)
+    assert np.abs(logits(reloaded, ids) - want).max() <= 8 * FP16_REL * max_zero(merged) / 16 * np.abs(want).max()
+    assert main([str(run_dir), "--export", "gguf"]) == 2
+    assert capsys.readouterr().err.strip() == "lorabench-eval: error: --out: --export gguf needs an output file (--out FILE)"
