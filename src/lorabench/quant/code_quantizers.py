@@ -1,8 +1,10 @@
 """How INT-N codes, scales and zero points are chosen for a float weight (QA-LoRA's base).
 
-Round-to-nearest now; GPTQ or HQQ would register here (GPTQ also takes calibration data).
-Every quantizer returns the stored types: uint8 codes, fp16 scales, integer zero points in
-[0, 2^N − 1] as uint8 (GPTQ's layout, docs/qalora.md#storage).
+Round-to-nearest (`rtn`, GPTQ's `find_params` grid) and HQQ (`hqq`, the `hqq` library's
+calibration-free optimizer of the zero points). GPTQ (which takes calibration data) would
+register here too. Every quantizer returns the stored types: uint8 codes, fp16 scales and zero
+points either as integers in [0, 2^N − 1] (uint8: GPTQ's layout) or fractional (fp16: HQQ's),
+which the INT-N layer holds as packed integers or fp16 (docs/qalora.md#storage).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 from lorabench.errors import ConfigError
 from lorabench.registry import Registry
 
-# fn(weight (out, in), bits, group_size) -> (q (out, in) uint8, scales (L, out) fp16, zeros (L, out) uint8)
+# fn(weight (out, in), bits, group_size) -> (q (out, in) uint8, scales (L, out) fp16, zeros (L, out) uint8 | fp16)
 CodeQuantizer = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 CODE_QUANTIZERS: Registry[CodeQuantizer] = Registry("INT-N quantizer", "strategy.quantizer")
 FP16_MAX = 65504.0  # largest finite fp16
@@ -66,3 +68,30 @@ def rtn_quantize(
     zero = torch.round(-lo / s).clamp(0, maxq)
     q = torch.clamp(torch.round(w / s.unsqueeze(-1)) + zero.unsqueeze(-1), 0, maxq)
     return q.reshape(out, n).to(torch.uint8), scale.t().contiguous(), zero.t().to(torch.uint8).contiguous()
+
+
+@register_code_quantizer("hqq")
+def hqq_quantize(
+    weight: torch.Tensor, bits: int, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HQQ (Badri & Shaji, 2023) through the `hqq` library: min/max scale per group of g inputs
+    (`axis=1`), then a half-quadratic solver moves each group's zero point to minimise an
+    l_p (p = 0.7) norm of the error; no calibration data. Its zero points are fractional, so
+    they come back as fp16 and the layer holds them so (`N + 32/g` bits per weight instead of
+    `N + 16/g + N/g`). Scales are rounded to fp16 as stored, codes kept as hqq chose them.
+    """
+    from hqq.core.quantize import Quantizer
+
+    out, n = weight.shape
+    w = weight.detach().float()
+    q, meta = Quantizer.quantize(
+        w, nbits=bits, channel_wise=True, group_size=group_size, optimize=True, round_zero=False,
+        axis=1, bitpack=False, compute_dtype=torch.float32, device=str(w.device),
+    )
+    groups = n // group_size
+    scale = meta["scale"].reshape(out, groups).float()
+    zero = meta["zero"].reshape(out, groups).float()
+    if not bool(torch.isfinite(scale.half()).all() & torch.isfinite(zero.half()).all()):
+        raise ConfigError(f"strategy.quantizer: hqq's scales or zero points exceed fp16 at {bits} bits")
+    codes = q.reshape(out, n).round().clamp(0, (1 << bits) - 1).to(torch.uint8)
+    return codes, scale.t().half().contiguous(), zero.t().half().contiguous()

@@ -166,7 +166,10 @@ class IntNLinear(nn.Module):
         with torch.no_grad():
             layer.qweight.copy_(pack_codes(q, bits))
             layer.scales.copy_(s)
-            layer.set_integer_zeros(z)
+            if z.dtype == torch.uint8:
+                layer.set_integer_zeros(z)
+            else:  # a quantizer with fractional zero points (hqq)
+                layer.set_fractional_zeros(z)
             if bias is not None:
                 layer.bias.copy_(bias.detach())
         return layer
