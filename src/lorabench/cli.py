@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lorabench.checks import register_configs, validate
 from lorabench.training.sweep import LAST_SWEEP, expand_jobs, one_line, report
 from lorabench.errors import ConfigError, Interrupted
+from lorabench.training.preempt import Preempted, requeue_or_exit
 from lorabench.utils import atomic_write_text
 
 # Our launcher presets extend the plugins' schemas of the same name on purpose; Hydra warns about
@@ -152,6 +153,8 @@ def run_job(cfg: DictConfig) -> Optional[float]:
             print(f"lorabench: error: {e}", file=sys.stderr)
             sys.exit(2)
         return job_failed(cfg, str(e), e)
+    except Preempted as e:  # checkpointed at a step boundary: requeue under submitit, else exit 128 + signal
+        requeue_or_exit(e, lambda: f"{e}; resume with: {resume_command(cfg)}")
     except Interrupted as e:
         print(f"lorabench: {e}; resume with: {resume_command(cfg)}", file=sys.stderr)
         sys.exit(130)

@@ -3,11 +3,21 @@
 The local files are the source of truth for `analysis/` (no W&B server needed); W&B mirrors
 them for dashboards. The W&B run id is kept in the run dir so a resumed job continues the
 same run, and `finish()` is always called so multirun jobs never share a run.
+
+A job resumed from its checkpoint at step N re-logs the steps after N (a kill lost or left
+them half-written), so both sinks are rewound to N first: metrics.jsonl drops its lines after
+N, and the W&B run is continued with `resume_from="<id>?_step=N"` (W&B's rewind: the server
+truncates the history at N before appending; offline, the new segment's run record carries the
+branch point, which `wandb_offline.merged_history` applies). A server without rewind refuses
+it; the run is then continued with `resume="allow"` (the server keeps the steps it already has
+and drops re-logged ones up to its last step: the same values, since a resume is exact). A job
+rerun without a checkpoint starts over, as a new W&B run.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import secrets
 from pathlib import Path
@@ -16,8 +26,10 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from lorabench.utils import atomic_write_text
+from lorabench.wandb_agent import adopt_agent_run
 
 WANDB_ID_FILE = "wandb_run_id.txt"
+log = logging.getLogger(__name__)
 
 
 def _jsonable(v: Any) -> Any:
@@ -31,19 +43,25 @@ def _jsonable(v: Any) -> Any:
 class Tracker:
     """One job's sinks: metrics.jsonl (appended per logged step), summary.json, and W&B."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, tags: Optional[list[str]] = None, name: str = "") -> None:
+    def __init__(
+        self, cfg: DictConfig, run_dir: Path, tags: Optional[list[str]] = None, name: str = "",
+        resume_step: Optional[int] = None,
+    ) -> None:
+        """`resume_step`: the step of the checkpoint the job resumes from (None: it starts over)."""
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
         self.summary_path = run_dir / "summary.json"
         self.wandb_run = None
+        self.truncate_after(-1 if resume_step is None else resume_step)
         lc = cfg.logger
         if lc.backend == "wandb" and lc.mode != "disabled":
             import wandb
 
             id_file = run_dir / WANDB_ID_FILE
-            run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+            previous = id_file.read_text().strip() if id_file.exists() else None
+            run_id = previous if previous and resume_step is not None else secrets.token_hex(4)
             atomic_write_text(id_file, run_id)
-            self.wandb_run = wandb.init(
+            init = dict(
                 project=lc.project,
                 entity=lc.entity,
                 group=lc.group,
@@ -53,11 +71,18 @@ class Tracker:
                 config=OmegaConf.to_container(cfg, resolve=True),
                 dir=str(run_dir),
                 id=run_id,
-                resume="allow",
                 mode=lc.mode,
                 reinit="create_new",
                 settings=wandb.Settings(console="off", silent=True),
             )
+            if run_id == previous:
+                try:  # rewind the run to the checkpoint's step before re-logging the steps after it
+                    self.wandb_run = wandb.init(**init, resume_from=f"{run_id}?_step={resume_step}")
+                except Exception as e:  # noqa: BLE001 - a server without rewind: continue the run as it is
+                    log.warning("W&B refused to rewind run %s (%s); continuing it with resume='allow'", run_id, e)
+            if self.wandb_run is None:
+                self.wandb_run = wandb.init(**init, resume="allow")
+            self.wandb_run = adopt_agent_run(self.wandb_run, cfg)  # under `wandb agent`: checked params, resolved config
 
     def truncate_after(self, step: int) -> None:
         """Drop metric lines logged after `step` (work a crash lost and a resume will redo)."""
@@ -82,8 +107,11 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.summary.update({k: v for k, v in summary.items() if v is not None})
 
-    def finish(self, failed: bool) -> None:
-        """Always called (also on failure) so the next multirun job gets its own W&B run."""
+    def finish(self, failed: bool, preempted: bool = False) -> None:
+        """Always called (also on failure) so the next multirun job gets its own W&B run; a
+        preempted run is marked so (W&B shows it as preempted, not crashed)."""
         if self.wandb_run is not None:
+            if preempted:
+                self.wandb_run.mark_preempting()
             self.wandb_run.finish(exit_code=1 if failed else 0)
             self.wandb_run = None

@@ -82,7 +82,11 @@ def _read_once(path: Path | str) -> dict[str, Any]:
             out["run"] = {
                 "id": r.run_id, "group": r.run_group, "job_type": r.job_type,
                 "tags": list(r.tags), "name": r.display_name, "project": r.project,
+                "start_ns": r.start_time.ToNanoseconds(),
             }
+            if r.HasField("branch_point"):  # resume_from/fork_from: where this segment continues its run
+                bp = r.branch_point
+                out["run"]["branch_point"] = {"run": bp.run, "metric": bp.metric, "value": bp.value}
             for item in r.config.update:
                 out["config"][key(item)] = json.loads(item.value_json)
         elif kind == "config":
@@ -101,3 +105,17 @@ def _read_once(path: Path | str) -> dict[str, Any]:
 def find_offline_runs(run_dir: Path | str) -> list[Path]:
     """Every `run-*.wandb` under a run dir's wandb/ folder, oldest first."""
     return sorted(Path(run_dir).glob("wandb/*run-*/run-*.wandb"))
+
+
+def merged_history(run_dir: Path | str, wait_for_exit: float = 0.0) -> list[dict[str, Any]]:
+    """The history a W&B server shows for the run in `run_dir` once its segments are synced:
+    each segment that rewinds its run (`resume_from="<id>?_step=N"`: a branch point on `_step`
+    of the same run) first drops the rows after step N, then appends its own."""
+    rows: list[dict[str, Any]] = []
+    segments = [read_offline_run(p, wait_for_exit=wait_for_exit) for p in find_offline_runs(run_dir)]
+    for seg in sorted(segments, key=lambda seg: seg["run"].get("start_ns", 0)):  # in the order they ran
+        bp = seg["run"].get("branch_point")
+        if bp and bp["metric"] == "_step" and bp["run"] == seg["run"]["id"]:
+            rows = [r for r in rows if r.get("_step", 0) <= bp["value"]]
+        rows += seg["history"]
+    return rows

@@ -1,7 +1,9 @@
 """One job end to end: config → backbone (+ quant) → strategy → trainer → tracker.
 
 The job builds the pieces in that order, hands them to the `Trainer`, and always leaves a
-`summary.json` (completed or failed) and a finished W&B run behind.
+`summary.json` (completed, failed, interrupted or preempted) and a finished W&B run behind.
+A preemption signal (SIGTERM/SIGUSR1/SIGUSR2) stops it at the next step boundary with a
+checkpoint (`preempt`); under torchrun only rank 0 writes the run dir (`distributed`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from lorabench.quant import quantize_backbone
 from lorabench.strategies import build_strategy
 from lorabench.strategies.base import Strategy
 from lorabench.tracking import Tracker
+from lorabench.training import distributed
 from lorabench.training import run_dir as run_dir_rules
+from lorabench.training.distributed import SINGLE, DistContext
+from lorabench.training.preempt import Preempted, PreemptionGuard
 from lorabench.training.pretrain import prepare_backbone
 from lorabench.training.trainer import Trainer
 from lorabench.utils import seed_everything
@@ -56,37 +61,61 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     A run dir that holds a completed run is not trained again (its summary is returned);
     `trainer.overwrite=true` clears it first. Ctrl-C ends the job as `interrupted` and raises
-    `Interrupted` with the line that says how to resume.
+    `Interrupted` with the line that says how to resume; a preemption signal ends it as
+    `preempted` (after a checkpoint at the next step boundary) and raises `Preempted`.
+    Under torchrun every rank trains; rank 0 alone writes (the others return {"rank": r}).
     """
+    world = distributed.world_size_from_env()
+    strategy = build_strategy(cfg.strategy, seed=cfg.seed)
+    distributed.check_strategy(strategy, world)
+    distributed.check_batch(cfg.trainer.batch_size, world)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.trainer.get("overwrite", False):
+    dist, rank_device = distributed.start(cfg.trainer.device)
+    if cfg.trainer.get("overwrite", False) and dist.is_main:
         run_dir_rules.clear(run_dir)
+    dist.barrier()  # every rank sees the run dir as rank 0 left it
     done = run_dir_rules.completed_summary(run_dir)
     if done is not None:
         log.info("%s holds a completed run; not training it again (trainer.overwrite=true starts afresh)", run_dir)
+        distributed.stop(dist)
         return {**done, "already_completed": True}
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
-    device = pick_device(cfg.trainer.device)
+    device = rank_device or pick_device(cfg.trainer.device)
+    result = _run_main(cfg, device, strategy, dist, run_dir) if dist.is_main else _train_rank(cfg, device, strategy, dist, run_dir)
+    distributed.stop(dist)  # after success only: a failed rank ends the run (torchrun stops the others)
+    return result
+
+
+def _run_main(cfg: DictConfig, device: torch.device, strategy: Strategy, dist: DistContext, run_dir: Path) -> dict[str, Any]:
+    """The writing process (the only one outside torchrun): tracker, trainer, summary."""
     memory.reset_peak(device)
-    strategy = build_strategy(cfg.strategy, seed=cfg.seed)
     tags = [f"strategy:{cfg.strategy.name}", f"seed:{cfg.seed}", f"task:{cfg.task.name}", *strategy.tags()]
-    tracker = Tracker(cfg, run_dir, tags=tags, name=strategy.run_name(cfg.seed))
+    tracker = Tracker(cfg, run_dir, tags=tags, name=strategy.run_name(cfg.seed),
+                      resume_step=run_dir_rules.checkpoint_step(run_dir))
     summary: dict[str, Any] = {
         "status": "running", "strategy": cfg.strategy.name, "seed": cfg.seed, "task": cfg.task.name,
         "overrides": launch_overrides(),
         "train/threads": torch.get_num_threads(),
     }
+    if dist.active:
+        summary["train/processes"] = dist.world
     trainer: Optional[Trainer] = None
-    failed = True
+    failed, preempted = True, False
     try:
-        trainer = build_trainer(cfg, device, tracker, run_dir, strategy, started_at=time.perf_counter())
-        summary.update(_train(trainer))
+        with PreemptionGuard() as guard:
+            trainer = build_trainer(cfg, device, tracker, run_dir, strategy, started_at=time.perf_counter(),
+                                    dist=dist, stop_requested=guard.requested)
+            summary.update(_train(trainer))
         summary["status"] = "completed"
         (run_dir / "error.txt").unlink(missing_ok=True)  # an earlier attempt's error is history now
         failed = False
         return summary
+    except Preempted as e:
+        preempted = True
+        summary.update(status="preempted", error=str(e), step=trainer.state.step if trainer else 0)
+        raise
     except KeyboardInterrupt:
         step = trainer.state.step if trainer else 0
         last = trainer.last_checkpoint if trainer else None
@@ -100,7 +129,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise
     finally:
         tracker.write_summary(summary)
-        tracker.finish(failed)
+        tracker.finish(failed, preempted=preempted)
+
+
+def _train_rank(cfg: DictConfig, device: torch.device, strategy: Strategy, dist: DistContext, run_dir: Path) -> dict[str, Any]:
+    """A rank other than 0 under torchrun: the same steps on its shard, nothing written."""
+    with PreemptionGuard() as guard:
+        trainer = build_trainer(cfg, device, None, run_dir, strategy, dist=dist, stop_requested=guard.requested)
+        trainer.setup()
+        trainer.fit()
+    return {"rank": dist.rank, "train/steps": trainer.state.step}
 
 
 def wrap_model(strategy: Strategy, model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -123,7 +161,8 @@ def wrap_model(strategy: Strategy, model: torch.nn.Module, seed: int) -> torch.n
 
 def build_trainer(
     cfg: DictConfig, device: torch.device, tracker: Optional[Tracker] = None, run_dir: Optional[Path] = None,
-    strategy: Optional[Strategy] = None, started_at: Optional[float] = None,
+    strategy: Optional[Strategy] = None, started_at: Optional[float] = None, dist: DistContext = SINGLE,
+    stop_requested: Optional[Any] = None,
 ) -> Trainer:
     """Backbone (+ quant) → strategy → task → Trainer, in the order that fixes every RNG draw
     (the trainer is not set up yet: call `setup()`, which also resumes from `run_dir`)."""
@@ -142,7 +181,7 @@ def build_trainer(
     return Trainer(
         model, strategy, data, cfg.optim, cfg.trainer, device, tracker=tracker, run_dir=run_dir,
         generate=cfg.task.generate, desc=strategy.run_name(cfg.seed), started_at=started_at,
-        config=run_dir_rules.config_record(cfg),
+        config=run_dir_rules.config_record(cfg), dist=dist, stop_requested=stop_requested,
     )
 
 

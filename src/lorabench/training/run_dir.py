@@ -4,6 +4,8 @@
   clears it and starts fresh).
 - A checkpoint carries the resolved config it was written under; resuming under another
   config is refused with one line naming the first differing key.
+- A run dir with a checkpoint resumes from it (its step tells the tracker where to rewind
+  metrics.jsonl and the W&B history); one without starts over.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from lorabench.errors import ConfigError
 # What a job writes into its run dir (cleared by trainer.overwrite=true before a fresh run).
 RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoint.pt", "error.txt", "final_state.pt", "wandb_run_id.txt", "eval.json")
 RUN_DIRS = ("adapter", "merged_intn", "wandb")
+CHECKPOINT = "checkpoint.pt"  # the resumable state of an unfinished run
 # Keys that may differ between an interrupted run and its resumption (they change no number
 # or only where a run is executed and how it is shown).
 RESUMABLE_KEYS = ("run_dir", "logger", "extras", "paths", "trainer.progress", "trainer.threads", "trainer.device",
@@ -36,6 +39,20 @@ def completed_summary(run_dir: Path) -> Optional[dict[str, Any]]:
     except json.JSONDecodeError:
         return None
     return summary if summary.get("status") == "completed" else None
+
+
+def checkpoint_step(run_dir: Path) -> Optional[int]:
+    """The step of the run dir's checkpoint, None without one (or with an unreadable one, which
+    the trainer's resume then reports)."""
+    import torch
+
+    path = Path(run_dir) / CHECKPOINT
+    if not path.exists():
+        return None
+    try:  # mmap: only the small counters are read, not the tensors
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state"]["step"])
+    except Exception:  # noqa: BLE001 - a torn file is reported by Trainer.resume, in one line
+        return None
 
 
 def clear(run_dir: Path) -> None:

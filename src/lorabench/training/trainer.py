@@ -7,6 +7,10 @@ trainable set changes. One checkpoint dict holds everything needed to resume (st
 tensors, optimizer, scheduler, RNG, counters), so a run resumed in the same run dir ends with
 the numbers of an uninterrupted one. Fine-tuning jobs and the tiny backbone's pretraining
 both run through this class.
+
+Between steps it asks `stop_requested` (a preemption signal, see `preempt`): if set, it writes
+a checkpoint and raises `Preempted`. Under torchrun (`distributed.DistContext`) each rank trains
+on its shard of the global batch through DDP, and only rank 0 evaluates and checkpoints.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -26,12 +30,13 @@ from lorabench.data.tasks import TaskData
 from lorabench.errors import ConfigError
 from lorabench.evaluate import evaluate
 from lorabench.strategies.base import Strategy
+from lorabench.training.distributed import SINGLE, DistContext
 from lorabench.training.optimizer import build_optimizer, build_scheduler
-from lorabench.training.run_dir import check_same_config
+from lorabench.training.preempt import Preempted
+from lorabench.training.run_dir import CHECKPOINT, check_same_config
 from lorabench.utils import atomic_torch_save
 
 log = logging.getLogger(__name__)
-CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass
@@ -63,6 +68,8 @@ class Trainer:
         desc: str = "",
         started_at: Optional[float] = None,
         config: Optional[dict[str, Any]] = None,
+        dist: DistContext = SINGLE,
+        stop_requested: Optional[Callable[[], Optional[int]]] = None,
     ) -> None:
         self.model = model
         self.strategy = strategy
@@ -76,6 +83,9 @@ class Trainer:
         self.desc = desc
         self.config = config  # the resolved config a checkpoint records and a resume must match
         self.last_checkpoint: Optional[int] = None  # step of the newest checkpoint in the run dir
+        self.dist = dist  # this process's rank in a torchrun run (SINGLE otherwise)
+        self.stop_requested = stop_requested or (lambda: None)  # a preemption signal number, checked between steps
+        self.forward_model: nn.Module = model  # what forward/backward run through (DDP around `model` under torchrun)
         self.state = TrainState()
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler: Optional[torch.optim.lr_scheduler.LambdaLR] = None
@@ -94,6 +104,7 @@ class Trainer:
         self.strategy.apply_phase(self.model, step)
         params = [p for _, p in self.strategy.trainable_parameters(self.model)]
         self.optimizer = build_optimizer(self.optim_cfg, params)
+        self.forward_model = self.dist.wrap(self.model, self.device)  # DDP over this phase's trainable set
         self.scheduler = build_scheduler(
             self.optim_cfg, self.cfg.max_steps, self.optimizer, self.phase_start(step), self.strategy.lr_scale
         )
@@ -146,14 +157,17 @@ class Trainer:
         loss_sum = 0.0
         activations = None
         for micro in range(tc.grad_accum_steps):
-            batch = self.data.train_batch(step * tc.grad_accum_steps + micro, tc.batch_size)
+            batch = self.data.train_batch(step * tc.grad_accum_steps + micro, tc.batch_size)  # the global batch
             batch = {k: v.to(self.device) for k, v in batch.items()}
+            shard = self.dist.shard(batch)
+            weight = self.dist.loss_weight(batch, shard) / tc.grad_accum_steps
             losses: list[torch.Tensor] = []
 
             def forward_backward() -> None:
-                loss = self.model(**batch).loss / tc.grad_accum_steps
+                loss = self.forward_model(**shard).loss * weight if self.dist.active \
+                    else self.forward_model(**shard).loss / tc.grad_accum_steps
                 loss.backward()
-                losses.append(loss)
+                losses.append(loss / self.dist.world)
 
             if micro == 0 and not st.measured:  # the phase's first step: count what autograd saves
                 activations = memory.activation_bytes(self.model, forward_backward)
@@ -161,6 +175,7 @@ class Trainer:
                 forward_backward()
             loss_sum += losses[0].item()
             st.tokens += int(batch["attention_mask"].sum())
+        loss_sum = self.dist.sum(loss_sum)  # the global batch's loss
         opt = self.optimizer
         grad_norm = None
         if self.optim_cfg.max_grad_norm > 0:
@@ -198,7 +213,9 @@ class Trainer:
 
     # ---- evaluate -------------------------------------------------------------------------------
     def evaluate(self, model: Optional[nn.Module] = None) -> dict[str, float]:
-        """Score `model` (default: the one training) on the task's eval split."""
+        """Score `model` (default: the one training) on the task's eval split (rank 0 only: {} elsewhere)."""
+        if not self.dist.is_main:
+            return {}
         return evaluate(model or self.model, self.data, self.cfg.eval_batch_size, self.device, generate=self.generate)
 
     # ---- checkpoint -----------------------------------------------------------------------------
@@ -218,7 +235,9 @@ class Trainer:
             ckpt["config"] = self.config
         if self.device.type == "cuda":
             ckpt["cuda_rng"] = torch.cuda.get_rng_state()
-        atomic_torch_save(ckpt, self.checkpoint_path)
+        if self.dist.is_main:
+            atomic_torch_save(ckpt, self.checkpoint_path)
+        self.dist.barrier()  # no rank runs ahead of a checkpoint it may have to resume from
         self.last_checkpoint = st.step
 
     # ---- fit ------------------------------------------------------------------------------------
@@ -233,8 +252,12 @@ class Trainer:
         if st.base_eval is None:
             st.base_eval = self.evaluate()
             self._log({f"eval/{k}": v for k, v in st.base_eval.items()}, step=0)
-        bar = tqdm(total=tc.max_steps, initial=st.step, desc=self.desc, disable=not tc.progress)
+        bar = tqdm(total=tc.max_steps, initial=st.step, desc=self.desc, disable=not (tc.progress and self.dist.is_main))
         while st.step < tc.max_steps:
+            signum = self.dist.first_signal(self.stop_requested())
+            if signum is not None:  # a step boundary: everything up to st.step is logged
+                bar.close()
+                self.stop_for_preemption(signum)
             metrics = self.train_step()
             step = st.step
             if step % max(1, tc.log_every) == 0 or step == tc.max_steps or len(metrics) > 3:
@@ -249,6 +272,18 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         return self.evaluate()
+
+    def stop_for_preemption(self, signum: int) -> None:
+        """Checkpoint at this step boundary (unless one was just written) and raise `Preempted`."""
+        import signal
+
+        name = signal.Signals(signum).name
+        step = self.state.step
+        if self.run_dir is None:
+            raise Preempted(f"stopped by {name} at step {step}; no run dir, nothing saved", signum)
+        if self.last_checkpoint != step:
+            self.save_checkpoint()
+        raise Preempted(f"stopped by {name} at step {step}; checkpoint at step {step} in {self.run_dir}", signum)
 
     def tokens_per_second(self) -> float:
         return self.state.tokens / max(1e-9, self.state.train_seconds)
