@@ -11,10 +11,12 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from lorabench.backbone.gguf import check_llama_family, resolve_gguf
 from lorabench.config import GROUP_SCHEMAS, LorabenchConfig
 from lorabench.data import validate_task
 from lorabench.errors import ConfigError
 from lorabench.strategies.registry import store_schemas, validate_strategy_config
+from lorabench.training.optimizer import OPTIMIZERS
 from lorabench.training.schedules import available_schedules, build_schedule
 
 
@@ -43,10 +45,15 @@ def _choice(cfg: DictConfig, key: str, choices: list[str]) -> None:
 
 def validate(cfg: DictConfig) -> Any:
     """Check the whole tree before any work; returns the typed strategy config."""
-    _choice(cfg, "model.source", ["tiny", "hf"])
+    _choice(cfg, "model.source", ["tiny", "hf", "gguf"])
     _choice(cfg, "model.dtype", ["fp32", "bf16"])
     if cfg.model.source == "hf" and not cfg.model.name_or_path:
         raise ConfigError("model.name_or_path: required with model.source=hf (a hub id or a local model dir)")
+    if cfg.model.source == "gguf":  # the file and the extra that ships it, before any job starts
+        if not cfg.model.gguf_file:
+            raise ConfigError("model.gguf_file: required with model.source=gguf (a .gguf path or <package>:<file>)")
+        check_llama_family(resolve_gguf(cfg.model.gguf_file))
+    _choice(cfg, "optim.name", list(OPTIMIZERS))
     for key in ("model.hidden_size", "model.intermediate_size", "model.num_layers", "model.num_heads"):
         _positive(cfg, key)
     _positive(cfg, "model.pretrain_steps", allow_zero=True)

@@ -14,8 +14,10 @@ from omegaconf import MISSING
 
 @dataclass
 class ModelConfig:
-    source: str = "tiny"  # tiny: the embedded Llama (shipped weights for the default keys) | hf: any AutoModelForCausalLM
+    source: str = "tiny"  # tiny: the embedded Llama (shipped weights for the default keys) | hf: any AutoModelForCausalLM | gguf: a GGUF file converted once to an HF dir
     name_or_path: Optional[str] = None  # hf only: hub id or local model dir
+    gguf_file: Optional[str] = None  # gguf only: a .gguf path or <python package>:<file> inside an installed package
+    gradient_checkpointing: bool = False  # recompute each block's activations in backward (large models: less memory, ~30% more compute)
     dtype: str = "fp32"  # fp32 | bf16: dtype of the (unquantized) base weights
     hidden_size: int = 256  # tiny: model width (multiple of 64 so INT-N groups of 32/64 divide it)
     intermediate_size: int = 512  # tiny: MLP width (multiple of 64)
@@ -32,7 +34,7 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "sort"  # a synthetic family (sort, add, reverse, copy, kv, caesar), corpus (pretraining mixture) or hf
+    name: str = "sort"  # a synthetic family (sort, add, reverse, copy, kv, caesar), corpus (pretraining mixture), hf (prompt/answer), instruct (Alpaca) or text (packed raw text)
     families: list[str] = field(default_factory=lambda: ["add", "reverse", "copy", "kv"])  # corpus only: families mixed
     difficulty_min: int = 4  # smallest difficulty (list length, digits, pairs: per family)
     difficulty_max: int = 14  # largest difficulty
@@ -41,12 +43,27 @@ class TaskConfig:
     loss_on: str = "answer"  # answer: loss on answer tokens only | all: every token (pretraining)
     generate: bool = True  # score exact match by greedy generation (off for perplexity-only tasks)
     max_length: int = 128  # tokens per example after tokenization (longer ones are refused)
-    dataset: Optional[str] = None  # hf only: datasets name or local file (json/jsonl/csv/parquet)
-    dataset_config: Optional[str] = None  # hf only: dataset config name
-    train_split: str = "train"  # hf only: split to train on
-    eval_split: str = "test"  # hf only: split to evaluate on
+    dataset: Optional[str] = None  # hf/instruct/text: datasets name or local file (json/jsonl/csv/parquet)
+    dataset_config: Optional[str] = None  # hf/instruct/text: dataset config name
+    train_split: str = "train"  # hf/instruct/text: split to train on
+    eval_split: str = "test"  # hf/instruct/text: split to evaluate on (a seeded holdout of train if absent)
     prompt_field: str = "prompt"  # hf only: column holding the prompt
     answer_field: str = "answer"  # hf only: column holding the answer
+    instruction_field: str = "instruction"  # instruct only: Alpaca's instruction column
+    input_field: str = "input"  # instruct only: Alpaca's optional context column (absent or empty = none)
+    output_field: str = "output"  # instruct only: the response column (the only tokens with loss)
+    template: str = "alpaca"  # instruct only: alpaca (Stanford Alpaca's prompt) | chat (the tokenizer's chat template)
+    text_field: str = "text"  # text only: column of raw documents, packed into blocks of max_length tokens
+    mc_dataset: Optional[str] = None  # an MMLU-format eval set (datasets name or local file): adds eval/mc_accuracy to any task
+    mc_config: Optional[str] = None  # mc: dataset config name (e.g. an MMLU subject)
+    mc_split: str = "test"  # mc: split scored (a local file's only split is train)
+    mc_shots: int = 0  # mc: solved examples before each question (0-shot, 5-shot, ...)
+    mc_shots_split: str = "dev"  # mc: split the shots come from (MMLU: dev); the scored split never gives an item itself
+    mc_size: int = 0  # mc: at most this many items (0 = all)
+    mc_subject: str = ""  # mc: subject named in the header when the table has no subject column
+    mc_question_field: str = "question"  # mc: question column
+    mc_choices_field: str = "choices"  # mc: column of the choice list (a JSON list string in CSV)
+    mc_answer_field: str = "answer"  # mc: right choice as an index, a letter or the choice's text
 
 
 @dataclass
@@ -61,6 +78,7 @@ class OptimConfig:
     restart_every: int = 0  # jagged schedules: steps between restarts (0 = none)
     restart_warmup_steps: int = 0  # jagged schedules: re-warmup steps after each restart
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    name: str = "adamw"  # adamw (torch) | paged_adamw_32bit | paged_adamw_8bit (bitsandbytes, CUDA only)
 
 
 @dataclass

@@ -19,8 +19,6 @@ def looks_like_path(name: str) -> bool:
 
 def load_hf(cfg: Any, device: torch.device) -> tuple[torch.nn.Module, HFTokenizer]:
     """AutoModelForCausalLM + AutoTokenizer; a missing local dir is a one-line error."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     name = str(cfg.name_or_path)
     if looks_like_path(name):
         path = Path(name).expanduser()
@@ -29,8 +27,15 @@ def load_hf(cfg: Any, device: torch.device) -> tuple[torch.nn.Module, HFTokenize
         if not (path / "config.json").exists():
             raise ConfigError(f"model.name_or_path: {path} has no config.json (expected a saved HF model dir)")
         name = str(path)
+    return load_hf_dir(name, cfg.dtype, device)
+
+
+def load_hf_dir(name: str, dtype: str, device: torch.device) -> tuple[torch.nn.Module, HFTokenizer]:
+    """`from_pretrained` of a hub id or checked local dir, in `dtype` ("fp32" | "bf16"), on `device`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[cfg.dtype])
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
         tok = AutoTokenizer.from_pretrained(name)
     except OSError as e:
         raise ConfigError(f"model.name_or_path: cannot load '{name}': {str(e).splitlines()[0]}") from None

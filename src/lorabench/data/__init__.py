@@ -1,4 +1,5 @@
-"""Tasks: the synthetic suite (and its pretraining corpus) and HF datasets, behind one builder."""
+"""Tasks: the synthetic suite (and its pretraining corpus) and HF datasets (prompt/answer,
+Alpaca instructions, packed raw text, an optional MMLU-format MC eval set), behind one builder."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from lorabench.data.tasks import TaskData
 from lorabench.data.tokenizer import CharTokenizer, HFTokenizer, Tokenizer
 from lorabench.errors import ConfigError
 
-SPECIAL_TASKS = ("corpus", "hf")
+SPECIAL_TASKS = ("corpus", "hf", "instruct", "text")
 
 
 def validate_task(cfg: Any) -> None:
@@ -28,14 +29,37 @@ def validate_task(cfg: Any) -> None:
         )
     if cfg.train_size <= 0 or cfg.eval_size <= 0:
         raise ConfigError("task.train_size/eval_size: expected positive sizes")
+    if cfg.name == "text" and cfg.generate:
+        raise ConfigError("task.generate: packed text is scored by perplexity only; set task.generate=false")
+    if cfg.get("mc_shots", 0) < 0 or cfg.get("mc_size", 0) < 0:
+        raise ConfigError("task.mc_shots/mc_size: expected sizes >= 0")
 
 
 def build_task(cfg: Any, tokenizer: Tokenizer, seed: int) -> TaskData:
-    """Generate (or load) the splits and tokenize them."""
+    """Generate (or load) the splits and tokenize them; attach the MC eval set if one is configured."""
+    data = _build_splits(cfg, tokenizer, seed)
+    if cfg.get("mc_dataset"):
+        from lorabench.data.mc import load_mc
+
+        data.mc = load_mc(cfg, tokenizer)
+    return data
+
+
+def _build_splits(cfg: Any, tokenizer: Tokenizer, seed: int) -> TaskData:
+    parse_special = False
+    if cfg.name == "text":
+        from lorabench.data.text import load_text_blocks
+
+        return TaskData.from_blocks(*load_text_blocks(cfg, seed, tokenizer), tokenizer, seed)
     if cfg.name == "hf":
         from lorabench.data.hf import load_hf_examples
 
         train, evals = load_hf_examples(cfg, seed)
+    elif cfg.name == "instruct":
+        from lorabench.data.instruct import load_instruct_examples
+
+        train, evals = load_instruct_examples(cfg, seed, getattr(tokenizer, "tok", None))
+        parse_special = cfg.template == "chat"  # the rendered template holds the model's real special tokens
     else:
         if cfg.name == "corpus":
             sample = partial(sample_corpus_example, families=list(cfg.families))
@@ -44,7 +68,7 @@ def build_task(cfg: Any, tokenizer: Tokenizer, seed: int) -> TaskData:
                 sample_example, family=cfg.name, dmin=cfg.difficulty_min, dmax=cfg.difficulty_max
             )
         train, evals = make_splits(lambda rng: sample(rng), cfg.train_size, cfg.eval_size, seed)
-    return TaskData(train, evals, tokenizer, seed, cfg.loss_on, cfg.max_length)
+    return TaskData(train, evals, tokenizer, seed, cfg.loss_on, cfg.max_length, parse_special=parse_special)
 
 
 __all__ = ["CharTokenizer", "HFTokenizer", "TaskData", "Tokenizer", "build_task", "validate_task"]

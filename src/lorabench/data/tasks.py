@@ -7,7 +7,7 @@ batches an uninterrupted one would.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -33,21 +33,46 @@ class TaskData:
         seed: int,
         loss_on: str = "answer",
         max_length: int = 128,
+        parse_special: bool = False,
+        add_bos: Optional[bool] = None,
     ) -> None:
+        """`parse_special`: prompts hold real special tokens (a rendered chat template, which
+        brings its own start). `add_bos`: start every prompt with bos (default: as the tokenizer
+        itself does, and never under `parse_special`)."""
         if not train or not evals:
             raise ConfigError("task: produced an empty train or eval split; check task.train_size / task.eval_size")
         self.tok = tokenizer
         self.seed = seed
         self.loss_on = loss_on
+        self.parse_special = parse_special
+        self.add_bos = (getattr(tokenizer, "adds_bos", True) and not parse_special) if add_bos is None else add_bos
         self.train_examples = train
         self.eval_examples = evals
         self.train = [self._encode(e, max_length) for e in train]
         self.eval = [self._encode(e, max_length) for e in evals]
         self._perms: dict[int, torch.Tensor] = {}
+        self.mc: Optional[Any] = None  # a multiple-choice eval set (lorabench.data.mc.MCSet), scored beside the split
+
+    @classmethod
+    def from_blocks(
+        cls, train: list[list[int]], evals: list[list[int]], tokenizer: Tokenizer, seed: int
+    ) -> "TaskData":
+        """Language modelling on pre-tokenized fixed-length blocks (packed raw text): loss on every token."""
+        if not train or not evals:
+            raise ConfigError("task: packed no full block into the train or eval split; add text or lower task.max_length")
+        data = cls.__new__(cls)
+        data.tok, data.seed, data.loss_on, data.parse_special, data.add_bos = tokenizer, seed, "all", False, False
+        data.train_examples, data.eval_examples = [], []  # blocks cut across documents: no prompt/answer pairs
+        data.train = [Encoded(list(b), 0) for b in train]
+        data.eval = [Encoded(list(b), 0) for b in evals]
+        data._perms = {}
+        data.mc = None
+        return data
 
     def _encode(self, ex: Example, max_length: int) -> Encoded:
-        p = [self.tok.bos_id] + self.tok.encode(ex.prompt)
-        a = self.tok.encode(ex.answer) + [self.tok.eos_id]
+        p = [self.tok.bos_id] if self.add_bos else []
+        p += self.tok.encode(ex.prompt, parse_special=self.parse_special)
+        a = self.tok.encode(ex.answer) + [self.tok.eos_id]  # the answer is data, never special tokens
         if len(p) + len(a) > max_length:
             raise ConfigError(
                 f"task.max_length: an example needs {len(p) + len(a)} tokens, more than {max_length}"

@@ -35,8 +35,9 @@ class Tokenizer(Protocol):
     bos_id: int
     eos_id: int
     vocab_size: int
+    adds_bos: bool
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, parse_special: bool = False) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
 
@@ -83,10 +84,15 @@ class HFTokenizer:
         self.bos_id = tok.bos_token_id if tok.bos_token_id is not None else self.eos_id
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_id
         self.vocab_size = len(tok)
+        # whether the tokenizer itself starts a sequence with bos (Llama, the char vocabulary: yes;
+        # SmolLM2: no); prompts follow the model's own convention
+        self.adds_bos = tok.bos_token_id is not None and tok.encode("a")[:1] == [tok.bos_token_id]
 
-    def encode(self, text: str) -> list[int]:
-        try:  # text is data: a literal "<eos>" in it is characters, not the special token
-            return self.tok.encode(text, add_special_tokens=False, split_special_tokens=True)
+    def encode(self, text: str, parse_special: bool = False) -> list[int]:
+        """Ids of `text`, no bos/eos added. Text is data: a literal "<eos>" in it is characters,
+        not the special token, unless `parse_special` (a rendered chat template holds real ones)."""
+        try:
+            return self.tok.encode(text, add_special_tokens=False, split_special_tokens=not parse_special)
         except Exception:  # tokenizers raises a bare Exception for a piece missing from its vocabulary
             vocab = self.tok.get_vocab()
             bad = next((c for c in text if c not in vocab), None)

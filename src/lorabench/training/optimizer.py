@@ -12,13 +12,27 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from lorabench.errors import ConfigError
 from lorabench.training.schedules import build_schedule
 
 
-def build_optimizer(optim_cfg: Any, params: list[nn.Parameter]) -> torch.optim.AdamW:
-    """AdamW over exactly `params` with the `optim.*` settings."""
+PAGED = {"paged_adamw_32bit": "PagedAdamW32bit", "paged_adamw_8bit": "PagedAdamW8bit"}  # optim.name -> bitsandbytes class
+OPTIMIZERS = ("adamw", *PAGED)  # the values optim.name accepts
+
+
+def build_optimizer(optim_cfg: Any, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW over exactly `params` with the `optim.*` settings (torch's, or bitsandbytes' paged
+    AdamW on CUDA: its state lives in unified memory that pages to the CPU under pressure)."""
     o = optim_cfg
-    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    kw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    name = o.get("name", "adamw")
+    if name in PAGED:
+        if any(p.device.type != "cuda" for p in params):
+            raise ConfigError(f"optim.name: {name} (bitsandbytes paged AdamW) needs CUDA; use optim=adamw on this device")
+        import bitsandbytes.optim as bnb_optim
+
+        return getattr(bnb_optim, PAGED[name])(params, **kw)
+    return torch.optim.AdamW(params, **kw)
 
 
 def build_scheduler(
