@@ -16,12 +16,23 @@ from lorabench.quant.export_gguf import check_gguf_exportable, export_gguf
 from lorabench.quant.intn import IntNLinear, dequantize_state, unpack_codes
 from lorabench.strategies import build_strategy
 from lorabench.training.job import wrap_model
-from tests.helpers import run_tiny, tiny_llama
+from tests.helpers import run_tiny, tiny_cfg, tiny_llama
 
 gguf = pytest.importorskip("gguf")
 FP16_REL = 2.0**-11  # fp16 rounds a normal value by at most this fraction of it
 FP16_SUBNORMAL_STEP = 2.0**-24  # and a subnormal one by at most half of this
 TEXT = "12+34=46; abc, xyz?"
+
+
+def trained_run(run_dir: Path, *overrides: str) -> Path:
+    """A tiny job trained in-process into `run_dir`, with the composed config where Hydra puts
+    it (`.hydra/config.yaml`), so `lorabench-eval` can rebuild it."""
+    from omegaconf import OmegaConf
+
+    run_tiny(run_dir, *overrides)
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(tiny_cfg(run_dir, *overrides), run_dir / ".hydra" / "config.yaml")
+    return run_dir
 
 
 def merged_qalora(bits: int, group_size: int = 32, seed: int = 3) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -151,8 +162,7 @@ def test_lorabench_eval_exports_a_runs_merged_model(tmp_path: Path, capsys) -> N
     from lorabench.eval_cli import main
     from lorabench.quant.intn_io import load_intn_model
 
-    run_dir = tmp_path / "run"
-    run_tiny(run_dir, "strategy=qalora", "trainer.max_steps=2")
+    run_dir = trained_run(tmp_path / "run", "strategy=qalora", "trainer.max_steps=2")
     out = tmp_path / "model.gguf"
     assert main([str(run_dir), "--export", "gguf", "--out", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -162,5 +172,6 @@ def test_lorabench_eval_exports_a_runs_merged_model(tmp_path: Path, capsys) -> N
     ids = list(range(3, 40))
     want = logits(merged, ids)
     assert np.abs(logits(reloaded, ids) - want).max() <= 8 * FP16_REL * max_zero(merged) / 16 * np.abs(want).max()
+    capsys.readouterr()  # drop transformers' progress output
     assert main([str(run_dir), "--export", "gguf"]) == 2
-    assert capsys.readouterr().err.strip() == "lorabench-eval: error: --out: --export gguf needs an output file (--out FILE)"
+    assert capsys.readouterr().err.strip() == "lorabench-eval: error: --out: --export gguf needs an output path (--out PATH)"

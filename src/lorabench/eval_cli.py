@@ -56,35 +56,9 @@ def load_run_config(run_dir: Path) -> DictConfig:
     return cfg
 
 
-def evaluate_run(run_dir: Path, merged: bool = False, device: Optional[str] = None) -> dict[str, float]:
-    """Rebuild the run's model, load its final state and score it; keys as in its summary
-    (`eval/<metric>`, or `eval/<metric>_merged` with `merged`)."""
-    import torch
-
-    from lorabench.training.job import build_trainer, pick_device
-
-    cfg = load_run_config(run_dir)
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
-    dev = pick_device(device or cfg.trainer.device)
-    trainer = build_trainer(cfg, dev, run_dir=run_dir)  # no setup(): no optimizer, no resume
-    trainer.strategy.load_artifacts(trainer.model, run_dir)
-    if not merged:
-        return {f"eval/{k}": v for k, v in trainer.evaluate().items()}
-    model = trainer.strategy.merged_for_eval(trainer.model, run_dir)
-    if model is None:
-        raise ConfigError(
-            f"--merged: strategy '{cfg.strategy.name}' has no merged model for this run "
-            f"(strategy.merge={cfg.strategy.get('merge', 'none')})"
-        )
-    return {f"eval/{k}_merged": v for k, v in trainer.evaluate(model).items()}
-
-
-EXPORT_FORMATS = ("gguf",)  # --export choices (docs/export.md)
-
-
-def merged_model(run_dir: Path, device: Optional[str] = None) -> tuple[Any, Any]:
-    """(the run's merged model as `--merged` scores it, the run's HF tokenizer)."""
+def rebuild_run(run_dir: Path, device: Optional[str] = None) -> tuple[DictConfig, Any]:
+    """(the run's config, its Trainer with the final state loaded): the model exactly as the
+    job left it (`build_trainer`, no setup(): no optimizer, no resume; then `load_artifacts`)."""
     import torch
 
     from lorabench.training.job import build_trainer, pick_device
@@ -94,23 +68,56 @@ def merged_model(run_dir: Path, device: Optional[str] = None) -> tuple[Any, Any]
         torch.set_num_threads(cfg.trainer.threads)
     trainer = build_trainer(cfg, pick_device(device or cfg.trainer.device), run_dir=run_dir)
     trainer.strategy.load_artifacts(trainer.model, run_dir)
-    model = trainer.strategy.merged_for_eval(trainer.model, run_dir)
+    return cfg, trainer
+
+
+def run_merged_model(cfg: DictConfig, trainer: Any, flag: str) -> Any:
+    """The strategy's merged model (as the job's `eval/*_merged` scores it), or one line naming `flag`."""
+    model = trainer.strategy.merged_for_eval(trainer.model, Path(cfg.run_dir))
     if model is None:
         raise ConfigError(
-            f"--export: strategy '{cfg.strategy.name}' has no merged model for this run "
-            f"(strategy.merge={cfg.strategy.get('merge', 'none')}); export needs one"
+            f"{flag}: strategy '{cfg.strategy.name}' has no merged model for this run "
+            f"(strategy.merge={cfg.strategy.get('merge', 'none')})"
         )
-    return model.eval(), trainer.data.tok.tok
+    return model
+
+
+def evaluate_run(run_dir: Path, merged: bool = False, device: Optional[str] = None) -> dict[str, float]:
+    """Rebuild the run's model, load its final state and score it; keys as in its summary
+    (`eval/<metric>`, or `eval/<metric>_merged` with `merged`)."""
+    cfg, trainer = rebuild_run(run_dir, device)
+    if not merged:
+        return {f"eval/{k}": v for k, v in trainer.evaluate().items()}
+    return {f"eval/{k}_merged": v for k, v in trainer.evaluate(run_merged_model(cfg, trainer, "--merged")).items()}
+
+
+EXPORT_FORMATS = ("gguf", "peft")  # --export choices (docs/export.md)
 
 
 def export_run(run_dir: Path, fmt: str, out: Optional[Path], device: Optional[str] = None) -> dict[str, Any]:
-    """Export the run's merged model to `out` in format `fmt`; returns what was written."""
+    """Write the run's model for another tool; returns what was written.
+
+    gguf: the merged model (QA-LoRA: INT-N merged into its zeros) as one GGUF file;
+    peft: `out/base/` (HF model dir: the base as the run left it) + `out/adapter/` (PEFT LoRA).
+    """
+    if out is None:
+        raise ConfigError(f"--out: --export {fmt} needs an output path (--out PATH)")
+    cfg, trainer = rebuild_run(run_dir, device)
+    if fmt == "peft":
+        from lorabench.adapters.lora import lora_layers
+        from lorabench.adapters.peft_format import write_peft_checkpoint
+
+        s = cfg.strategy
+        if not lora_layers(trainer.model) or "rank" not in s:
+            raise ConfigError(f"--export peft: strategy '{s.name}' has no LoRA adapter to export")
+        config = {"r": s.rank, "lora_alpha": s.alpha, "lora_dropout": s.dropout,
+                  "use_rslora": bool(s.get("rslora", False)), "fan_in_fan_out": False}
+        write_peft_checkpoint(trainer.model, out, config)
+        return {"export/format": fmt, "export/path": str(out), "export/adapted_layers": len(lora_layers(trainer.model))}
     from lorabench.quant.export_gguf import export_gguf
 
-    if out is None:
-        raise ConfigError(f"--out: --export {fmt} needs an output file (--out FILE)")
-    model, tok = merged_model(run_dir, device)
-    counts = export_gguf(model, tok, out)
+    model = run_merged_model(cfg, trainer, "--export gguf").eval()
+    counts = export_gguf(model, trainer.data.tok.tok, out)
     return {"export/format": fmt, "export/path": str(out), **{f"export/{k}": v for k, v in counts.items()}}
 
 
@@ -135,7 +142,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("run_dir", type=Path, help="a run dir (holds .hydra/config.yaml and final_state.pt)")
     parser.add_argument("--merged", action="store_true", help="score the strategy's merged model (as eval/*_merged)")
     parser.add_argument("--export", choices=EXPORT_FORMATS, default=None, help="write the merged model in this format (with --out)")
-    parser.add_argument("--out", type=Path, default=None, help="the file --export writes")
+    parser.add_argument("--out", type=Path, default=None, help="where --export writes (gguf: a file; peft: a dir)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="default: the run's trainer.device")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
