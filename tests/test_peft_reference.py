@@ -147,3 +147,100 @@ def test_merges_agree_and_adapter_files_match(tmp_path):
     for key in ("r", "lora_alpha", "lora_dropout", "use_rslora", "peft_type"):
         assert c1[key] == c2[key], key
     assert sorted(c1["target_modules"]) == sorted(c2["target_modules"])
+
+
+# ---- our adapter files, loaded by PEFT onto the base a user builds --------------------------------
+def peft_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(input_ids=x).logits
+
+
+def repack_off(model: nn.Module) -> int:
+    """What the harness does to every Linear4bit (docs/qlora.md#bitsandbytes-on-cpu); returns the count."""
+    layers = [m for m in model.modules() if isinstance(m, bnb4bit.bnb.nn.Linear4bit)]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+@pytest.mark.parametrize("compute_dtype", ["fp32", "bf16"])
+def test_qlora_adapter_loads_in_peft_over_transformers_own_4bit_base(compute_dtype, tmp_path):
+    """The user's route: transformers quantizes the same fp32 backbone with BitsAndBytesConfig
+    (same NF4 bytes as the harness), PEFT loads our adapter dir; logits equal ours exactly."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tests.helpers import tiny_llama
+
+    strategy, model = build_on_tiny("qlora", rank=4, alpha=8.0, compute_dtype=compute_dtype)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    strategy.save_artifacts(model, tmp_path)
+    tiny_llama().save_pretrained(tmp_path / "base")  # build_on_tiny's backbone, before quantization
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[compute_dtype]
+    bnb_cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=dtype)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_cfg, device_map="cpu")
+    assert repack_off(base) == 14
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    x = batch_at(1)
+    ours = peft_logits(model, x)
+    assert torch.equal(peft_logits(loaded, x), ours)
+    with loaded.disable_adapter():
+        assert (peft_logits(loaded, x) - ours).abs().max() > 1e-3
+    # Without the switch, a CPU with AVX512-BF16 repacks each layer at its first eval forward
+    # (absmax to bf16, another kernel): the logits move. Elsewhere nothing repacks.
+    plain = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_cfg, device_map="cpu"),
+        tmp_path / "adapter",
+    )
+    moved = (peft_logits(plain, x) - ours).abs().max()
+    repacked = [m for m in plain.modules() if getattr(getattr(m, "weight", None), "quant_state", None) is not None
+                and getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+    assert (moved > 1e-3) if repacked else (moved == 0)
+
+
+@pytest.mark.parametrize("base", ["fp32", "nf4"])
+def test_relora_exports_its_merged_base_and_last_adapter_for_peft(base, tmp_path, capsys):
+    """ReLoRA's model is the base with every cycle merged (and the full-rank modules trained)
+    plus the current cycle's adapter: `--export peft` writes both and PEFT reloads the run's
+    logits. Runs end on a merge (every cycle is complete), so the last adapter is B = 0.
+    A 4-bit base is written dequantized (exact): it matches fp32 compute to 1e-5."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lorabench.eval_cli import load_run_config, main, rebuild_run
+    from lorabench.training.job import build_trainer
+    from tests.test_export import trained_run
+
+    keys = ["strategy=relora", "strategy.reset_every=3", "strategy.restart_warmup_steps=1", "optim.warmup_steps=1",
+            "trainer.max_steps=6"]
+    if base == "nf4":
+        keys += ["strategy.base=nf4", "strategy.compute_dtype=fp32"]
+    run_dir = trained_run(tmp_path / "run", *keys)
+    out = tmp_path / "peft"
+    assert main([str(run_dir), "--export", "peft", "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["export/adapted_layers"] == 14
+    _, trainer = rebuild_run(run_dir)
+    assert trainer.strategy.merges == 2
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base"), out / "adapter")
+    x = batch_at(2)[:, :20]
+    ours = peft_logits(trainer.model, x)
+    assert (peft_logits(loaded, x) - ours).abs().max() <= (0.0 if base == "fp32" else 1e-5)
+    b = safetensors.torch.load_file(str(out / "adapter/adapter_model.safetensors"))
+    assert all(not t.any() for k, t in b.items() if "lora_B" in k) and len(b) == 28
+    untrained = build_trainer(load_run_config(run_dir), torch.device("cpu")).model
+    assert (peft_logits(untrained, x) - ours).abs().max() > 1e-3  # the base file carries the training
+
+
+def test_peft_export_refuses_a_qalora_adapter():
+    from lorabench.adapters.peft_format import base_without_adapters
+    from lorabench.errors import ConfigError
+
+    _, model = build_on_tiny("qalora")
+    with pytest.raises(ConfigError) as e:
+        base_without_adapters(model)
+    assert "\n" not in str(e.value) and "QA-LoRA adapter" in str(e.value) and "--export gguf" in str(e.value)
