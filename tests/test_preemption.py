@@ -128,3 +128,77 @@ def test_rerun_without_a_checkpoint_starts_over_as_a_new_wandb_run(tmp_path: Pat
                   key=lambda r: r["start_ns"])
     assert len({r["id"] for r in runs}) == 2 and "branch_point" not in runs[1]
     assert (tmp_path / "wandb_run_id.txt").read_text() == runs[1]["id"]
+
+
+# ---- a submitit_local sweep: one job preempted (requeued by submitit), one killed, then a rerun -----------
+# Loaded by every Python process of the sweep through PYTHONPATH: for the job whose run dir name starts
+# with the given prefix, it sends the given signal to its own process in the middle of the given step.
+SIGNAL_HOOK = textwrap.dedent('''
+    import os
+    plan = os.environ.get("LORABENCH_TEST_SIGNALS")
+    if plan:
+        import signal
+        from pathlib import Path
+        from lorabench.training.trainer import Trainer
+
+        targets = {}
+        for item in plan.split(","):
+            prefix, step, name = item.split(":")
+            targets[prefix] = (int(step), getattr(signal, name))
+        real = Trainer.train_step
+
+        def train_step(self):
+            for prefix, (step, sig) in targets.items():
+                if self.run_dir is not None and Path(self.run_dir).name.startswith(prefix) and self.state.step == step:
+                    os.kill(os.getpid(), sig)
+            return real(self)
+
+        Trainer.train_step = train_step
+''')
+SWEEP = [*TINY, *RESUMABLE, "seed=0,1", "extras.print_config=false", "hydra/launcher=submitit_local"]
+
+
+def run_sweep(sweep_dir: Path, hook_dir: Path, signals: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONPATH": f"{hook_dir}{os.pathsep}{REPO}",
+           "LORABENCH_TEST_SIGNALS": signals}
+    cmd = [sys.executable, "-m", "lorabench", "-m", *SWEEP, f"hydra.sweep.dir={sweep_dir}"]
+    return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env,
+                          timeout=900)
+
+
+def test_submitit_sweep_preempted_and_killed_jobs_end_as_uninterrupted_runs(tmp_path: Path) -> None:
+    """Job 0 gets submitit's preemption signal (SIGUSR2) mid step 6: it checkpoints at step 6 and
+    submitit requeues it in the same sweep. Job 1 is SIGKILLed mid step 6 (checkpoint at step 4):
+    the sweep lists it as missing/killed and exits 1; the rerun skips job 0 and resumes job 1."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SIGNAL_HOOK)
+    sweep = tmp_path / "sweep"
+    first = run_sweep(sweep, hook, signals="0_:5:SIGUSR2,1_:5:SIGKILL")
+    out = first.stdout
+    assert first.returncode == 1, out[-3000:]
+    assert "Traceback" not in out
+    assert "lorabench: error: job 1 died without a result (submitit job " in out
+    logs = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_log.err"))
+    assert f"lorabench: stopped by SIGUSR2 at step 6; checkpoint at step 6 in {sweep / '0_lora_s0'}; " \
+           "requeued through submitit" in logs
+    assert json.loads((sweep / "0_lora_s0" / "summary.json").read_text())["status"] == "completed"
+    assert not (sweep / "1_lora_s1" / "summary.json").exists()
+    assert [r["step"] for r in rows(sweep / "1_lora_s1") if "train/loss" in r] == [1, 2, 3, 4, 5]
+    csv = pd.read_csv(sweep / "sweep_summary.csv")
+    assert list(csv["status"]) == ["completed", "missing/killed"]
+    assert "lorabench: 1 of 2 jobs failed" in out
+    job0 = (sweep / "0_lora_s0" / "metrics.jsonl").read_bytes()
+
+    second = run_sweep(sweep, hook)
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert f"lorabench: {sweep / '0_lora_s0'} holds a completed run; not training it again" in \
+        "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_log.err"))
+    assert (sweep / "0_lora_s0" / "metrics.jsonl").read_bytes() == job0  # skipped: nothing redone
+    assert list(pd.read_csv(sweep / "sweep_summary.csv")["status"]) == ["completed", "completed"]
+    for seed in (0, 1):  # the same jobs, uninterrupted
+        straight = run_tiny(tmp_path / f"straight{seed}", *RESUMABLE, f"seed={seed}")
+        job = sweep / f"{seed}_lora_s{seed}"
+        summary = json.loads((job / "summary.json").read_text())
+        assert {k: summary[k] for k in FINAL_KEYS} == {k: straight[k] for k in FINAL_KEYS}
+        assert comparable(job) == comparable(tmp_path / f"straight{seed}")

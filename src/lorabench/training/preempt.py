@@ -90,3 +90,4 @@ def requeue_or_exit(preempted: Preempted, message: Callable[[], str]) -> None:
         handler(getattr(signal, SUBMITIT_SIGNAL), None)  # raises SystemExit after requeueing
     print(f"lorabench: {message()}", file=sys.stderr)
     sys.exit(128 + preempted.signum)
+

@@ -26,6 +26,8 @@ if TYPE_CHECKING:  # pandas is imported where a sweep is summarised, not on ever
 LAST_SWEEP: dict[str, int] = {"jobs": 0, "failed": 0}
 # Summary metrics shown in the printed table (all of them go to sweep_summary.csv).
 TABLE_METRICS = ("eval/accuracy", "eval/loss", "memory/peak_bytes", "train/wall_seconds")
+# The status of a job dir without a readable summary.json (the job was killed before it wrote one).
+MISSING = "missing/killed"
 # The override that varies between repetitions of one configuration.
 SEED_KEY = "seed"
 
@@ -58,7 +60,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, str]:
 
 def collect(sweep_dir: Path) -> pd.DataFrame:
     """One row per job dir under `sweep_dir` (found by its .hydra/overrides.yaml): job number,
-    overrides, status, error and every scalar summary metric. A job without a summary failed."""
+    overrides, status, error and every scalar summary metric. A job dir without a summary is
+    listed with status `missing/killed` (it counts as failed)."""
     import pandas as pd
 
     rows = []
@@ -74,8 +77,9 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
             summary = json.loads(path.read_text()) if path.exists() else None
         except json.JSONDecodeError:
             summary = None
-        if summary is None:
-            summary = {"status": "failed", "error": f"no readable summary.json in {job_dir} (the job was killed?)"}
+        if summary is None:  # killed (SIGKILL, OOM, node failure) before it could write one
+            summary = {"status": MISSING, "error": f"no summary.json in {job_dir}: the job was killed before it "
+                       "finished; rerun the sweep to resume it"}
         row: dict[str, Any] = {"job": num, "overrides": " ".join(overrides), "job_dir": str(job_dir)}
         row.update({k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
         if row.get("status") != "completed":
@@ -137,6 +141,6 @@ def report(sweep_dir: Path) -> tuple[int, int]:
     swept = [c for c in df.columns if c.startswith("override:") and df[c].nunique(dropna=False) > 1]
     for _, r in failed.iterrows():
         which = " ".join(f"{c.removeprefix('override:')}={r[c]}" for c in swept) or r["overrides"]
-        print(f"failed: job {r['job']} ({which}): {r.get('error', '')}")
+        print(f"{r['status']}: job {r['job']} ({which}): {r.get('error', '')}")
     print(f"wrote {Path(sweep_dir) / 'sweep_summary.csv'}")
     return len(df), len(failed)
