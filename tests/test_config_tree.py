@@ -1,24 +1,20 @@
 """The lightning-hydra-template shaped tree: hydra/ and paths/ dirs, debug/ presets that run,
-an Optuna hparams_search/ that returns the optimized metric, extras.print_config."""
+the optimized metric a run returns, extras.print_config (hparams_search/: test_searches.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from lorabench.checks import register_configs, validate
 from lorabench.cli import GROUPS, check_group_choices, print_config_tree, run_job
-from tests.helpers import CONF, REPO, TINY, compose_cfg
+from tests.helpers import CONF, TINY, compose_cfg
 
 TINY_MODEL = [o for o in TINY if o.startswith("model.")]  # the 64-wide random backbone only
 STAMP = r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d"
@@ -149,34 +145,3 @@ def test_optimized_metric_is_read_from_the_summary(fake_job) -> None:
     assert run_job(tiny_root_cfg("optimized_metric=null", "extras.print_config=false")) is None
 
 
-# ---- hparams_search/ ------------------------------------------------------------------------------
-def test_hparams_search_composes_with_the_optuna_sweeper() -> None:
-    h = hydra_cfg("hparams_search=lora_optuna")
-    assert h.sweeper._target_.endswith("OptunaSweeper") and h.mode.name == "MULTIRUN"
-    assert h.sweeper.direction == "maximize"
-    assert set(h.sweeper.params) == {"optim.lr", "strategy.rank"}
-    assert compose_cfg("hparams_search=lora_optuna").optimized_metric == "eval/accuracy"
-
-
-def test_two_trial_optuna_search_returns_the_best_trial_metric(tmp_path: Path) -> None:
-    """Minimizing eval/loss (accuracy is 0 on this untrained model): the study's best value is
-    the smallest trial summary's eval/loss, and its params are that trial's overrides."""
-    env = {**os.environ, "LORABENCH_CACHE": str(tmp_path / "cache"), "HYDRA_FULL_ERROR": "1"}
-    sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "lorabench", "hparams_search=lora_optuna", *TINY, "trainer.max_steps=3",
-           "hydra.sweeper.n_trials=2", "hydra.sweeper.direction=minimize", "optimized_metric=eval/loss",
-           "extras.print_config=false", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    trials = sorted(p for p in sweep.iterdir() if (p / "summary.json").exists())
-    assert [p.name for p in trials] == ["0_lora_s0", "1_lora_s0"]
-    losses, params = [], []
-    for t in trials:
-        losses.append(json.loads((t / "summary.json").read_text())["eval/loss"])
-        ovr = dict(o.split("=", 1) for o in yaml.safe_load((t / ".hydra/overrides.yaml").read_text()))
-        params.append({"optim.lr": float(ovr["optim.lr"]), "strategy.rank": int(ovr["strategy.rank"])})
-    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    best = losses.index(min(losses))
-    assert result["best_value"] == min(losses)
-    assert result["best_params"] == params[best]
-    assert params[0] != params[1]  # two different points were tried

@@ -1,0 +1,1 @@
+"""Hydra plugins shipped with lorabench (Hydra discovers plugins under `hydra_plugins`)."""
