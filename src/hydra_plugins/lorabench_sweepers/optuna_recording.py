@@ -4,9 +4,14 @@ Hydra imports every plugin module at start-up)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
+
+# Hydra imports optuna when it instantiates the sampler, after its logging is set up; optuna's
+# storage layer imports alembic, which then logs one INFO line per plugin it registers.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 class RecordingOptunaSweeper(OptunaSweeper):

@@ -27,19 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import optuna
 import yaml
 from hydra.core.utils import JobReturn, JobStatus
+from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
 
-# optuna's storage layer imports alembic, which logs one INFO line per plugin it sets up
-logging.getLogger("alembic").setLevel(logging.WARNING)
-
-import optuna  # noqa: E402 - after quieting alembic
-from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from optuna.trial import TrialState  # noqa: E402
-
-from lorabench.errors import ConfigError  # noqa: E402
-from lorabench.utils import atomic_write_text  # noqa: E402
+from lorabench.errors import ConfigError
+from lorabench.utils import atomic_write_text
 
 log = logging.getLogger("lorabench")
 
