@@ -1,5 +1,5 @@
-"""`lorabench-eval <run_dir> [--merged] [--export gguf --out FILE]`: score a finished run again,
-without training, or export its merged model for another runtime.
+"""`lorabench-eval <run_dir> [--merged] [--lm-eval TASKS] [--export gguf|peft --out PATH]`: score a
+finished run again without training, score it with lm-eval, or export it for another runtime.
 
 Why: a run's numbers must be reproducible from its run dir alone. The job's composed config
 (`.hydra/config.yaml`, written by Hydra for every job) rebuilds the model exactly as the job
@@ -7,6 +7,9 @@ did (`build_trainer`: same backbone, quantization, seeded wrap and task data); t
 `final_state.pt` puts the trained tensors back (`load_artifacts`); the trainer's own
 `evaluate` scores it. `--merged` scores the strategy's merged model instead (as the job's
 `eval/*_merged`). Metrics go to stdout and into `<run_dir>/eval.json` (keys as in summary.json).
+`--lm-eval TASKS` scores the same model with EleutherAI's lm-eval (`HFLM` around the model object;
+local task YAMLs with `--lm-eval-include DIR`); keys `lm_eval/<task>/<metric>`, also in eval.json.
+`--export peft --out DIR` writes the base as the run left it (HF dir) and the PEFT adapter.
 `--export gguf --out FILE` writes the merged model (QA-LoRA: INT-N merged into its zero points)
 as GGUF, which llama.cpp and transformers load (docs/export.md); a width or group size the format
 cannot hold is refused in one line. Bad input is one line on stderr and exit code 2.
@@ -91,6 +94,20 @@ def evaluate_run(run_dir: Path, merged: bool = False, device: Optional[str] = No
     return {f"eval/{k}_merged": v for k, v in trainer.evaluate(run_merged_model(cfg, trainer, "--merged")).items()}
 
 
+def lm_eval_run(run_dir: Path, tasks: list[str], include: Optional[Path] = None, merged: bool = False,
+                fewshot: Optional[int] = None, device: Optional[str] = None) -> dict[str, float]:
+    """The run's model (base + adapter as trained, or with `merged` the merged model) scored by
+    lm-eval's HFLM on `tasks`; keys `lm_eval/<task>/<metric>` (+ `_merged`)."""
+    from lorabench.lm_eval_bridge import lm_eval_scores
+
+    if not tasks:
+        raise ConfigError("--lm-eval: expected a comma-separated list of task names")
+    cfg, trainer = rebuild_run(run_dir, device)
+    model = run_merged_model(cfg, trainer, "--merged") if merged else trainer.model
+    scores = lm_eval_scores(model.eval(), trainer.data.tok.tok, tasks, include, num_fewshot=fewshot)
+    return {f"{k}_merged" if merged else k: v for k, v in scores.items()}
+
+
 EXPORT_FORMATS = ("gguf", "peft")  # --export choices (docs/export.md)
 
 
@@ -143,6 +160,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--merged", action="store_true", help="score the strategy's merged model (as eval/*_merged)")
     parser.add_argument("--export", choices=EXPORT_FORMATS, default=None, help="write the merged model in this format (with --out)")
     parser.add_argument("--out", type=Path, default=None, help="where --export writes (gguf: a file; peft: a dir)")
+    parser.add_argument("--lm-eval", default=None, metavar="TASKS", help="score with EleutherAI lm-eval on these comma-separated tasks")
+    parser.add_argument("--lm-eval-include", type=Path, default=None, metavar="DIR", help="a dir of local lm-eval task YAMLs")
+    parser.add_argument("--lm-eval-fewshot", type=int, default=None, metavar="K", help="k-shot (default: each task's own)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="default: the run's trainer.device")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -150,7 +170,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.export:
             print(json.dumps(export_run(args.run_dir, args.export, args.out, args.device), indent=2, sort_keys=True))
             return 0
-        metrics = evaluate_run(args.run_dir, merged=args.merged, device=args.device)
+        if args.lm_eval is not None:
+            tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+            metrics = lm_eval_run(args.run_dir, tasks, args.lm_eval_include, args.merged, args.lm_eval_fewshot, args.device)
+        else:
+            metrics = evaluate_run(args.run_dir, merged=args.merged, device=args.device)
     except ConfigError as e:
         print(f"lorabench-eval: error: {e}", file=sys.stderr)
         return 2
