@@ -47,7 +47,7 @@ def test_submitit_local_runs_each_job_in_its_own_subprocess(tmp_path: Path) -> N
 
 def test_submitit_slurm_preset_has_the_documented_keys() -> None:
     launcher = hydra_launcher("hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu")
-    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher._target_ == "hydra_plugins.lorabench_launchers.submitit_launchers.SlurmLauncher"
     keys = {
         "partition": "gpu", "gpus_per_node": 1, "tasks_per_node": 1, "nodes": 1, "cpus_per_task": 4,
         "mem_gb": 32, "timeout_min": 240, "signal_delay_s": 120, "max_num_timeout": 3,
