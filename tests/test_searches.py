@@ -90,6 +90,55 @@ def test_trial_outcomes_complete_pruned_failed() -> None:
     assert trial_outcome(job_return(JobStatus.COMPLETED, (0.5, 2.0)), 2).values == [0.5, 2.0]
 
 
+class ScriptedLauncher:
+    """Stands in for a Hydra launcher: returns scripted (status, value) outcomes, one per trial."""
+
+    def __init__(self, outcomes: list[tuple[JobStatus, Any]]) -> None:
+        self.outcomes, self.launched = list(outcomes), []
+
+    def launch(self, overrides: list[tuple[str, ...]], initial_job_idx: int) -> list[JobReturn]:
+        self.launched += [list(o) for o in overrides]
+        return [job_return(*self.outcomes.pop(0)) for _ in overrides]
+
+
+def scripted_sweeper(cls: type, tmp_path: Path, outcomes: list[tuple[JobStatus, Any]]) -> Any:
+    import optuna
+
+    sweeper = cls(sampler=optuna.samplers.TPESampler(seed=0), direction="minimize", storage=None, study_name="t",
+                  n_trials=len(outcomes), n_jobs=1, search_space=None, custom_search_space=None,
+                  params=OmegaConf.create({"strategy.rank": "choice(2, 4, 8)"}))
+    sweeper.config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    sweeper.launcher, sweeper.hydra_context, sweeper.job_idx = ScriptedLauncher(outcomes), object(), 0
+    return sweeper
+
+
+def test_plugin_alone_ends_the_study_at_a_bad_trial_ours_records_it(tmp_path: Path) -> None:
+    from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
+
+    from lorabench.training.search import RecordingOptunaSweeperImpl
+
+    script = [(JobStatus.COMPLETED, 0.5), (JobStatus.FAILED, ConfigError("strategy.rank: bad")),
+              (JobStatus.COMPLETED, float("nan")), (JobStatus.FAILED, RuntimeError("killed")),
+              (JobStatus.COMPLETED, 0.25)]
+    plugin = scripted_sweeper(OptunaSweeperImpl, tmp_path / "plugin", script)
+    with pytest.raises(ConfigError):
+        plugin.sweep([])
+    assert len(plugin.launcher.launched) == 2  # trials 3-5 never ran, and no results file
+    assert not (tmp_path / "plugin" / "optimization_results.yaml").exists()
+    ours = scripted_sweeper(RecordingOptunaSweeperImpl, tmp_path / "ours", script)
+    ours.sweep([])
+    assert len(ours.launcher.launched) == 5
+    result = yaml.safe_load((tmp_path / "ours" / "optimization_results.yaml").read_text())
+    assert [t["state"] for t in result["trials"]] == ["COMPLETE", "PRUNED", "PRUNED", "FAIL", "COMPLETE"]
+    assert [t.get("value") for t in result["trials"]] == [0.5, None, None, None, 0.25]
+    assert [t["reason"] for t in result["trials"][1:4]] == [
+        "strategy.rank: bad", "the objective is not finite (nan)", "RuntimeError: killed"]
+    assert [t["params"]["strategy.rank"] for t in result["trials"]] == [
+        int(o[0].split("=")[1]) for o in ours.launcher.launched]
+    assert result["best_value"] == 0.25 and result["best_params"] == result["trials"][4]["params"]
+    assert result["n_trials"] == {"COMPLETE": 2, "PRUNED": 2, "FAIL": 1}
+
+
 def test_search_with_invalid_trials_records_every_trial_and_keeps_going(tmp_path: Path) -> None:
     """4 trials over rank ∈ {0, 2}: rank 0 fails validation. The study does not stop there (the
     plugin alone re-raises and ends it); every trial is in optimization_results.yaml with its state,
