@@ -19,6 +19,7 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (3, ("strategies",)),
     (4, ("training",)),
     (5, ("checks", "cli", "eval_cli", "pretrain_cli", "__main__", "__init__")),
+    (6, ("analysis",)),  # reads what runs wrote (run dirs, W&B); never trains, so nothing imports it
 ]
 
 
