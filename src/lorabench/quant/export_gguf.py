@@ -47,8 +47,8 @@ def check_gguf_exportable(model: nn.Module) -> None:
             if m.bits > Q4_1_MAX_BITS or m.group_size % Q4_1_BLOCK:
                 raise ConfigError(
                     f"--export gguf: layer '{name}' is INT{m.bits} with group_size {m.group_size}; GGUF Q4_1 holds "
-                    f"INT2/3/4 with group_size a multiple of {Q4_1_BLOCK} (other widths: --export hqq, or the "
-                    "run's merged_intn/ dir)"
+                    f"INT2/3/4 with group_size a multiple of {Q4_1_BLOCK} (other widths stay in the run's "
+                    "merged_intn/ dir: docs/export.md)"
                 )
         elif getattr(m, "is_quantized_linear", False) or type(m).__name__.startswith("Linear4bit"):
             raise ConfigError(f"--export gguf: layer '{name}' is a {type(m).__name__}, which has no GGUF mapping")
