@@ -147,6 +147,8 @@ def run_job(cfg: DictConfig) -> Optional[float]:
         if cfg.extras.print_config:
             print_config_tree(cfg)
         summary = job.run(cfg)
+        if "rank" in summary:  # a torchrun rank other than 0: rank 0 reports the run
+            return None
         value = optimized_value(cfg, summary)
     except ConfigError as e:
         if not multirun:
@@ -292,8 +294,30 @@ def check_slurm(argv: list[str]) -> Optional[str]:
     return None
 
 
+def torchrun_overrides(argv: list[str]) -> tuple[list[str], Optional[str]]:
+    """(extra overrides, problem) under torchrun, where every rank is a Hydra app of the same run:
+    one run dir for all ranks (named by torchrun's run id unless hydra.run.dir is given), and only
+    rank 0 writes Hydra's files, logs and prints the config. Nothing outside torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return [], None
+    if "-m" in argv or "--multirun" in argv:
+        return [], "torchrun trains one run over several processes; drop -m/--multirun (sweep with a launcher instead)"
+    extra = []
+    if not any(a.startswith("hydra.run.dir=") for a in argv):
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "run")[:8]
+        extra.append(f"hydra.run.dir=${{paths.output_dir}}/runs/torchrun_{run_id}_${{strategy.name}}_s${{seed}}")
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "extras.print_config=false"]
+    return extra, None
+
+
 def main() -> Any:
     """Console-script entry point."""
+    extra, problem = torchrun_overrides(sys.argv[1:])
+    if problem:
+        print(f"lorabench: error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    sys.argv += extra  # Hydra reads its overrides from sys.argv
     argv = sys.argv[1:]
     try:
         register_configs()  # discovers strategies: a broken or colliding strategy file is one line

@@ -88,7 +88,7 @@ class DistContext:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)  # buffers never change in training
 
     def barrier(self) -> None:
         if self.active:
