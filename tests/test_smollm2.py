@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +129,23 @@ def test_a_non_llama_gguf_is_one_line(tmp_path: Path) -> None:
     junk.write_bytes(b"not a gguf file" * 8)
     with pytest.raises(ConfigError, match=r"^model.gguf_file: .*junk.gguf is not a readable GGUF model file"):
         validate(compose_cfg("model=smollm2", f"model.gguf_file={junk}"))
+
+
+def test_q4_1_weights_are_a_4bit_grid_that_float_zero_points_hold_and_integer_ones_do_not(gguf_loaded: tuple[Any, Any]) -> None:
+    """The claims of docs/real_models.md#what-the-q4_1-origin-means, on two layers (the script does all 210)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
+    import q4_1_requant as q
+
+    layers = gguf_loaded[0].model.layers
+    for w in (layers[0].self_attn.q_proj.weight.detach(), layers[29].mlp.down_proj.weight.detach()):
+        on_grid, groups = q.grid_groups(w)
+        assert on_grid == groups == w.numel() // 32
+        assert torch.equal(q.minmax_float_zero(w), w)  # Q4_1's own rule gives the weights back exactly
+
+        def rel(fn: Any) -> float:
+            return float((fn(w) - w).norm() / w.norm())
+
+        assert rel(lambda x: q.intn_reconstruction(x, 4, "hqq")) < 2e-3  # fractional zeros: nearly lossless
+        assert rel(lambda x: q.intn_reconstruction(x, 4, "rtn")) > 0.05  # integer zeros shift the grid
+        assert rel(lambda x: q.intn_reconstruction(x, 2, "rtn")) > 0.3
+        assert rel(q.nf4_reconstruction) > 0.05  # another grid
