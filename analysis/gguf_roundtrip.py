@@ -29,6 +29,7 @@ from lorabench.adapters.lora import merge_and_unload
 from lorabench.adapters.qalora import inject_qalora, qalora_layers
 from lorabench.quant import BaseFormat, quantize_backbone
 from lorabench.quant.export_gguf import export_gguf
+from lorabench.quant.intn import IntNLinear
 
 TEXT = "The capital of France is Paris. The largest planet of the solar system is Jupiter, and water boils at"
 
@@ -54,14 +55,14 @@ def main() -> None:
     fp = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32).eval()
     ids = tok.encode(TEXT, add_special_tokens=False)
     print(f"SmolLM2-135M-Instruct, {len(ids)} tokens, B ~ N(0, {args.sigma}^2), r=8, alpha=16, sum pooling, g=32")
-    print("bits | file MB | transformers max|dlogit| | llama.cpp max|dlogit| | max|logit| | adapter effect | top-1 agree (tf / llama.cpp)")
+    print("bits | file MB | transformers max|dlogit| | its bound | llama.cpp max|dlogit| | max|logit| | max|z'| | adapter effect | top-1 agree (tf / llama.cpp)")
     runtime = Llama(str(src / name), logits_all=True, verbose=False, n_ctx=256, n_threads=1)
     runtime.eval(ids)
     own_cpp = np.array(runtime.scores[: len(ids)])
     runtime.close()
     own_tf = logits_of(fp, ids)
-    print(f"original file | {(src / name).stat().st_size / 1e6:.1f} | 0 (reference) | {np.abs(own_cpp - own_tf).max():.3g} | "
-          f"{np.abs(own_tf).max():.3g} | - | - / {(own_cpp.argmax(-1) == own_tf.argmax(-1)).mean():.3f}")
+    print(f"original file | {(src / name).stat().st_size / 1e6:.1f} | 0 (reference) | - | {np.abs(own_cpp - own_tf).max():.3g} | "
+          f"{np.abs(own_tf).max():.3g} | - | - | - / {(own_cpp.argmax(-1) == own_tf.argmax(-1)).mean():.3f}")
     for bits in args.bits:
         model = copy.deepcopy(fp)
         quantize_backbone(model, BaseFormat("intn", "all-linear", {"bits": bits, "group_size": 32, "quantizer": "rtn"}))
@@ -84,8 +85,10 @@ def main() -> None:
             got_cpp = np.array(runtime.scores[: len(ids)])
             runtime.close()
         top = want.argmax(-1)
-        print(f"{bits} | {counts['bytes'] / 1e6:.1f} | {np.abs(got_tf - want).max():.3g} | {np.abs(got_cpp - want).max():.3g} | "
-              f"{np.abs(want).max():.3g} | {np.abs(want - base_logits).max():.3g} | "
+        zmax = max(float(m.zero_points().abs().max()) for m in merged.modules() if isinstance(m, IntNLinear))
+        bound = 8 * 2**-11 * zmax / 2**bits * np.abs(want).max()  # the merge's tolerance, docs/qalora.md
+        print(f"{bits} | {counts['bytes'] / 1e6:.1f} | {np.abs(got_tf - want).max():.3g} | {bound:.3g} | "
+              f"{np.abs(got_cpp - want).max():.3g} | {np.abs(want).max():.3g} | {zmax:.4g} | {np.abs(want - base_logits).max():.3g} | "
               f"{(got_tf.argmax(-1) == top).mean():.3f} / {(got_cpp.argmax(-1) == top).mean():.3f}")
         del model, merged
 

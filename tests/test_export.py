@@ -3,6 +3,7 @@ logits that two runtimes other than lorabench (transformers + gguf, llama.cpp) c
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +139,7 @@ def test_a_width_or_group_q4_1_cannot_hold_is_one_line(bits: int, group_size: in
         export_gguf(merged, CharTokenizer().tok, tmp_path / "x.gguf")
     msg = str(e.value)
     assert "\n" not in msg and f"is INT{bits} with group_size {group_size}" in msg
-    assert "GGUF Q4_1 holds INT2/3/4 with group_size a multiple of 32" in msg
+    assert msg.endswith("GGUF Q4_1 holds INT2/3/4 with group_size a multiple of 32; --export hqq holds every width and group size")
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
@@ -172,6 +173,34 @@ def test_lorabench_eval_exports_a_runs_merged_model(tmp_path: Path, capsys) -> N
     ids = list(range(3, 40))
     want = logits(merged, ids)
     assert np.abs(logits(reloaded, ids) - want).max() <= 8 * FP16_REL * max_zero(merged) / 16 * np.abs(want).max()
-    capsys.readouterr()  # drop transformers' progress output
+    if importlib.util.find_spec("hqq") is not None:
+        from hqq.models.hf.base import AutoHQQHFModel
+
+        assert main([str(run_dir), "--export", "hqq", "--out", str(tmp_path / "hqq")]) == 0
+        assert json.loads(capsys.readouterr().out)["export/hqq_layers"] == 14
+        hqq_model = AutoHQQHFModel.from_quantized(str(tmp_path / "hqq"), compute_dtype=torch.float32, device="cpu")
+        assert np.array_equal(logits(hqq_model, ids), want)
+    capsys.readouterr()  # drop the loaders' progress output
     assert main([str(run_dir), "--export", "gguf"]) == 2
     assert capsys.readouterr().err.strip() == "lorabench-eval: error: --out: --export gguf needs an output path (--out PATH)"
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 32), (3, 32), (2, 32), (8, 32), (4, 16)])
+def test_hqq_package_reloads_the_hqq_export_with_equal_logits(bits: int, group_size: int, tmp_path: Path) -> None:
+    """hqq's own loader; its layer computes (W_q − zero)·scale in fp32, where fp16 s and z' are
+    exact: the logits are equal, at every width and group size (INT8 and g = 16 included)."""
+    pytest.importorskip("hqq")
+    from hqq.core.quantize import HQQLinear
+    from hqq.models.hf.base import AutoHQQHFModel
+
+    from lorabench.quant.export_hqq import export_hqq
+
+    merged, base = merged_qalora(bits, group_size)
+    counts = export_hqq(merged, CharTokenizer().tok, tmp_path / "hqq")
+    assert counts["hqq_layers"] == 14
+    reloaded = AutoHQQHFModel.from_quantized(str(tmp_path / "hqq"), compute_dtype=torch.float32, device="cpu")
+    assert sum(isinstance(m, HQQLinear) for m in reloaded.modules()) == 14
+    ids = CharTokenizer().encode(TEXT)
+    want = logits(merged, ids)
+    assert np.array_equal(logits(reloaded, ids), want)
+    assert np.abs(logits(base, ids) - want).max() > 1e-2  # the adapter is in the file

@@ -12,7 +12,7 @@ local task YAMLs with `--lm-eval-include DIR`); keys `lm_eval/<task>/<metric>`, 
 `--export peft --out DIR` writes the base as the run left it (HF dir) and the PEFT adapter.
 `--export gguf --out FILE` writes the merged model (QA-LoRA: INT-N merged into its zero points)
 as GGUF, which llama.cpp and transformers load (docs/export.md); a width or group size the format
-cannot hold is refused in one line. Bad input is one line on stderr and exit code 2.
+cannot hold is refused in one line. `--export hqq --out DIR` writes it for the `hqq` package. Bad input is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -108,13 +108,14 @@ def lm_eval_run(run_dir: Path, tasks: list[str], include: Optional[Path] = None,
     return {f"{k}_merged" if merged else k: v for k, v in scores.items()}
 
 
-EXPORT_FORMATS = ("gguf", "peft")  # --export choices (docs/export.md)
+EXPORT_FORMATS = ("gguf", "hqq", "peft")  # --export choices (docs/export.md)
 
 
 def export_run(run_dir: Path, fmt: str, out: Optional[Path], device: Optional[str] = None) -> dict[str, Any]:
     """Write the run's model for another tool; returns what was written.
 
     gguf: the merged model (QA-LoRA: INT-N merged into its zeros) as one GGUF file;
+    hqq: the merged INT-N model as an hqq dir (any width and group size, exact);
     peft: `out/base/` (HF model dir: the base as the run left it) + `out/adapter/` (PEFT LoRA).
     """
     if out is None:
@@ -132,9 +133,10 @@ def export_run(run_dir: Path, fmt: str, out: Optional[Path], device: Optional[st
         write_peft_checkpoint(trainer.model, out, config)
         return {"export/format": fmt, "export/path": str(out), "export/adapted_layers": len(lora_layers(trainer.model))}
     from lorabench.quant.export_gguf import export_gguf
+    from lorabench.quant.export_hqq import export_hqq
 
-    model = run_merged_model(cfg, trainer, "--export gguf").eval()
-    counts = export_gguf(model, trainer.data.tok.tok, out)
+    model = run_merged_model(cfg, trainer, f"--export {fmt}").eval()
+    counts = (export_gguf if fmt == "gguf" else export_hqq)(model, trainer.data.tok.tok, out)
     return {"export/format": fmt, "export/path": str(out), **{f"export/{k}": v for k, v in counts.items()}}
 
 
@@ -159,7 +161,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("run_dir", type=Path, help="a run dir (holds .hydra/config.yaml and final_state.pt)")
     parser.add_argument("--merged", action="store_true", help="score the strategy's merged model (as eval/*_merged)")
     parser.add_argument("--export", choices=EXPORT_FORMATS, default=None, help="write the merged model in this format (with --out)")
-    parser.add_argument("--out", type=Path, default=None, help="where --export writes (gguf: a file; peft: a dir)")
+    parser.add_argument("--out", type=Path, default=None, help="where --export writes (gguf: a file; hqq, peft: a dir)")
     parser.add_argument("--lm-eval", default=None, metavar="TASKS", help="score with EleutherAI lm-eval on these comma-separated tasks")
     parser.add_argument("--lm-eval-include", type=Path, default=None, metavar="DIR", help="a dir of local lm-eval task YAMLs")
     parser.add_argument("--lm-eval-fewshot", type=int, default=None, metavar="K", help="k-shot (default: each task's own)")

@@ -6,8 +6,9 @@ Why GGUF Q4_1: its blocks of 32 weights carry an fp16 scale `d` and an fp16 mini
 A block of 32 lies inside one quantization group whenever `g` is a multiple of 32, and INT2/INT3
 codes are INT4 codes that use part of the range, so INT2/3/4 with `g ∈ {32, 64, …}` are held
 exactly except for rounding `m = −s·z'` to fp16 (codes and scales are copied bit for bit).
-Anything else (INT8, g = 16, …) is refused in one line: GGUF's other types either have no
-minimum (Q8_0) or quantize their scales (the K-quants), so they cannot hold the fractional z'.
+Anything else (INT8, g = 16, …) is refused in one line pointing to `--export hqq`: GGUF's other
+types either have no minimum (Q8_0) or quantize their scales (the K-quants), so they cannot
+hold the fractional z'.
 Every other tensor is written as F32 (exact). docs/export.md has the details and measured logits.
 """
 
@@ -47,8 +48,7 @@ def check_gguf_exportable(model: nn.Module) -> None:
             if m.bits > Q4_1_MAX_BITS or m.group_size % Q4_1_BLOCK:
                 raise ConfigError(
                     f"--export gguf: layer '{name}' is INT{m.bits} with group_size {m.group_size}; GGUF Q4_1 holds "
-                    f"INT2/3/4 with group_size a multiple of {Q4_1_BLOCK} (other widths stay in the run's "
-                    "merged_intn/ dir: docs/export.md)"
+                    f"INT2/3/4 with group_size a multiple of {Q4_1_BLOCK}; --export hqq holds every width and group size"
                 )
         elif getattr(m, "is_quantized_linear", False) or type(m).__name__.startswith("Linear4bit"):
             raise ConfigError(f"--export gguf: layer '{name}' is a {type(m).__name__}, which has no GGUF mapping")
