@@ -10,7 +10,7 @@ import pandas as pd
 
 from lorabench.analysis.aggregate import aggregate, grouping_columns, labels
 from lorabench.analysis.collect import RunSet
-from lorabench.analysis.style import Drawn, Skip, caption, styles
+from lorabench.analysis.style import Drawn, Skip, caption, plain_log, styles
 
 MAX_CURVES = 12  # more configurations than this on one axis are unreadable
 
@@ -74,7 +74,7 @@ def relora_perplexity(name: str, study: pd.DataFrame, runs: RunSet) -> Drawn:
             merges.append({"label": r["label"], "step": s})
         ppl.append(c)
         lrs.append(lr)
-    top.set_yscale("log")
+    plain_log(top, "y")
     top.set_ylabel("eval perplexity (log scale)")
     top.legend(fontsize=8)
     top.grid(alpha=0.3)
@@ -96,7 +96,7 @@ def training_curves(name: str, study: pd.DataFrame, runs: RunSet) -> Drawn:
     if "train/loss" not in hist.columns or hist.empty:
         raise Skip("no train/loss in the runs' history")
     timed = "train/wall_seconds" in hist.columns and hist["train/wall_seconds"].notna().any()
-    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(11 if timed else 6.4, 4), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(11 if timed else 6.4, 4), squeeze=False, sharey=True)
     by_step, by_time = [], []
     for (_, r), (colour, ls) in zip(agg.iterrows(), styles(agg)):
         h = hist[hist["run"].isin(members[r["label"]])]
@@ -108,9 +108,9 @@ def training_curves(name: str, study: pd.DataFrame, runs: RunSet) -> Drawn:
             band(axes[0, 1], t, colour, ls, r["label"])
             by_time.append(t.assign(label=r["label"]))
     axes[0, 0].set_xlabel("step")
+    axes[0, 0].set_ylabel("train loss (log scale)")
     for ax in axes[0]:
-        ax.set_ylabel("train loss")
-        ax.set_yscale("log")
+        plain_log(ax, "y")
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
     data = {"by_step": pd.concat(by_step, ignore_index=True)}

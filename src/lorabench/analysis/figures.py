@@ -12,7 +12,7 @@ import pandas as pd
 
 from lorabench.analysis.aggregate import MB, METRICS, aggregate
 from lorabench.analysis.collect import RunSet
-from lorabench.analysis.style import Drawn, Skip, caption, err, strategy_colour, styles
+from lorabench.analysis.style import Drawn, Skip, caption, err, plain_log, strategy_colour
 
 ACC, MEM = "eval/accuracy", "memory/measured_bytes"
 PARTS = [("base", "base weights + quant. constants"), ("trainable", "trainable (adapters)"),
@@ -54,7 +54,7 @@ def accuracy_vs_memory(name: str, study: pd.DataFrame, runs: RunSet) -> Drawn:
     front = d[d["pareto"]].sort_values("memory_mb")
     ax.plot(front["memory_mb"], front["accuracy"], drawstyle="steps-post", color="k", lw=1, ls="--",
             label="Pareto front", zorder=0)
-    ax.set_xscale("log")
+    plain_log(ax, "x")
     ax.set_xlabel(f"{METRICS[MEM].label}, log scale")
     ax.set_ylabel(METRICS[ACC].label)
     ax.legend(fontsize=8, loc="best")
@@ -78,22 +78,25 @@ def memory_stack(name: str, study: pd.DataFrame, runs: RunSet) -> Drawn:
     d["formula"] = agg["memory/formula_bytes:mean"] * MB
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     x = np.arange(len(d))
-    colours = ["0.35", "tab:orange", "tab:cyan", "tab:olive", "0.8"]
+    colours = ["0.25", "0.5", "0.7", "0.85", "white"]  # greys: the strategy colours stay the strategies'
+    hatches = ["", "//", "", "..", "xx"]
     for ax, with_act in zip(axes, (False, True)):
         bottom = np.zeros(len(d))
         keys = [*PARTS, ("activation", "activations (first step)")] if with_act else PARTS
-        for (p, label), c in zip(keys, colours):
+        for (p, label), c, h in zip(keys, colours, hatches):
             vals = d[p].fillna(0).to_numpy()
-            ax.bar(x - 0.15, vals, 0.5, bottom=bottom, color=c, label=label, edgecolor="k", lw=0.4)
+            ax.bar(x - 0.15, vals, 0.5, bottom=bottom, color=c, hatch=h, label=label, edgecolor="k", lw=0.4)
             bottom += vals
         ax.scatter(x + 0.2, d["formula"], marker="D", s=40, color=[strategy_colour(s) for s in d["strategy"]],
                    edgecolor="k", zorder=3, label="seed formula (4N+16M, 0.5N+16M, …)")
         ax.set_xticks(x, [f"{lab}\n(n={n})" for lab, n in zip(d["label"], d["seeds"])], fontsize=8)
+        for tick, s in zip(ax.get_xticklabels(), d["strategy"]):
+            tick.set_color(strategy_colour(s))
         ax.set_ylabel("memory (MB)")
         ax.set_title("weights, gradients, optimizer state" + (" + activations" if with_act else ""), fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7, loc="upper right")
-    axes[1].legend(fontsize=7, loc="upper right")
+    handles, names = axes[1].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=3, fontsize=8, bbox_to_anchor=(0.5, -0.12))
     return Drawn(fig, {"bars": d}, caption("Measured memory per strategy by what holds it, seed formula as ◆",
                                            name, study, agg))
 
@@ -140,10 +143,14 @@ def qalora_bits(name: str, study: pd.DataFrame, runs: RunSet) -> Drawn:
         data["reference"] = pd.DataFrame({"accuracy": [m], "accuracy_std": [s], "seeds": [n]})
     ax.set_xticks([4, 3, 2])
     ax.set_xlim(4.4, 1.6)
+    ax.set_ylim(0, max(d["accuracy"].max(), data["reference"]["accuracy"].iloc[0] if "reference" in data else 0) * 1.25 + 1)
+    ax2.set_ylim(0, None)
     ax.set_xlabel("bits of the merged model (INT-N, g=32)")
     ax.set_ylabel(METRICS[acc].label)
     ax2.set_ylabel(f"{METRICS[size].label} (dotted)")
-    ax.legend(fontsize=7, loc="lower left")
+    h1, n1 = ax.get_legend_handles_labels()
+    h2, n2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, n1 + n2, fontsize=7, loc="upper right")
     ax.grid(alpha=0.3)
     agg_all = aggregate(study, [acc])
     return Drawn(fig, data, caption("QA-LoRA Table 1 in miniature: exact match of the merged model vs bits",
@@ -192,8 +199,8 @@ def memory_scaling(name: str, study: pd.DataFrame, runs: RunSet) -> Drawn:
         c = strategy_colour(s)
         ax.plot(g["params"], g["measured_mb"], "o-", color=c, label=f"{s} measured")
         ax.plot(g["params"], g["formula_mb"], "--", color=c, alpha=0.8, label=f"{s} formula")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    plain_log(ax, "x")
+    plain_log(ax, "y")
     ax.set_xlabel("parameters held, N + M (log scale)")
     ax.set_ylabel("memory (MB, log scale)")
     ax.legend(fontsize=7, ncol=2)

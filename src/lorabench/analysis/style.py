@@ -16,6 +16,7 @@ matplotlib.use("Agg")  # files only, never a window
 
 import matplotlib.colors as mcolors  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 import pandas as pd  # noqa: E402
 
 STRATEGY_COLOURS = {"full": "tab:blue", "lora": "tab:orange", "qlora": "tab:green", "qalora": "tab:red",
@@ -81,6 +82,15 @@ def caption(what: str, study: str, study_df: pd.DataFrame, agg: pd.DataFrame) ->
 def err(std: float) -> float | None:
     """An error bar only where there is a spread to show (one seed, or identical seeds: no bar, not a zero bar)."""
     return None if pd.isna(std) or std == 0 else float(std)
+
+
+def plain_log(ax: plt.Axes, which: str = "y") -> None:
+    """A log axis labelled with plain numbers (0.5, 1, 2, 20) instead of 2×10^1."""
+    fmt = FuncFormatter(lambda v, _: f"{v:g}")
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    (ax.set_yscale if which == "y" else ax.set_xscale)("log")
+    axis.set_major_formatter(fmt)
+    axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "25" else ""))
 
 
 def save(fig: plt.Figure, out_dir: Path, name: str) -> list[Path]:
