@@ -41,7 +41,7 @@ def logits_of(model: torch.nn.Module, ids: list[int]) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sigma", type=float, default=0.01, help="std of the random B")
+    parser.add_argument("--sigma", type=float, default=0.001, help="std of the random B")
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     args = parser.parse_args()
     torch.set_num_threads(1)
