@@ -84,6 +84,7 @@ def test_c_qalora_bits_series_reference_and_size(tmp_path: Path) -> None:
             summary = {"eval/accuracy": acc, "eval/accuracy_merged": acc + 0.02 * seed}
             if merge != "16bit":
                 summary["merged/model_bytes"] = bits * 1e6
+                summary["merged/model_bytes_16bit"] = 16e6
             make_run(sweep, f"{s}_{merge}{bits}_s{seed}", strategy=s, seed=seed, config=cfg, summary=summary,
                      overrides=[f"+experiment/qalora_table1={s}_{merge}{bits}", f"seed={seed}"])
     rs = load_local([sweep])
@@ -101,6 +102,8 @@ def test_c_qalora_bits_series_reference_and_size(tmp_path: Path) -> None:
     ref = next(ln for ln in ax.lines if ln.get_label().startswith("QLoRA merged, 16-bit"))
     assert ref.get_ydata()[0] == pytest.approx(43.0)
     assert list(ax2.lines[0].get_ydata()) == pytest.approx([4.0, 2.0])
+    assert drawn.data["size_16bit_mb"]["size_mb"].iloc[0] == pytest.approx(16.0)
+    assert ax2.lines[-1].get_ydata()[0] == pytest.approx(16.0)
 
 
 def test_d_relora_perplexity_lr_and_merges(tmp_path: Path) -> None:

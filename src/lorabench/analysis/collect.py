@@ -178,7 +178,7 @@ def load_wandb(spec: str, api: Any = None) -> RunSet:
         if api is None:
             import wandb
 
-            api = wandb.Api()
+            api = wandb.Api(timeout=30)  # seconds per request: an unreachable server fails, not hangs
         runs = list(api.runs(path, filters={"group": group} if group else {}))
     except ConfigError:
         raise

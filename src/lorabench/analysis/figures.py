@@ -134,6 +134,10 @@ def qalora_bits(name: str, study: pd.DataFrame, runs: RunSet) -> Drawn:
         if g["size_mb"].notna().any():
             ax2.plot(g["bits"], g["size_mb"], "s:", color=c, alpha=0.7, label=f"{title}: size")
     data = {"series": d}
+    if "merged/model_bytes_16bit" in study.columns and study["merged/model_bytes_16bit"].notna().any():
+        full16 = study["merged/model_bytes_16bit"].mean() * MB  # the same model held in 16 bits, for scale
+        ax2.axhline(full16, color="0.4", ls=":", lw=1, label="16-bit model: size")
+        data["size_16bit_mb"] = pd.DataFrame({"size_mb": [full16]})
     if not ref.empty:
         ra = aggregate(ref, [acc, "merged/model_bytes_16bit"])
         m, s, n = ra[f"{acc}:mean"].iloc[0] * 100, ra[f"{acc}:std"].iloc[0] * 100, int(ra["seeds"].iloc[0])
