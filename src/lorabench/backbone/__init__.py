@@ -36,7 +36,11 @@ def load_backbone(cfg: Any, seed: int, device: torch.device) -> tuple[torch.nn.M
     if cfg.get("gradient_checkpointing", False):
         # non-reentrant: gradients reach adapters even when no input of a block requires grad
         # (the frozen-embedding case PEFT patches with enable_input_require_grads)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name for it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model, tok
 
 
