@@ -95,15 +95,39 @@ def test_every_job_failing_exits_nonzero_and_summary_says_so(tmp_path: Path) -> 
     assert list(csv["status"]) == ["failed", "failed"]
 
 
-def test_composition_error_is_one_line_per_bad_job_and_nothing_runs(tmp_path: Path) -> None:
+def test_jobs_that_do_not_compose_are_one_line_each_and_left_out_while_the_others_run(tmp_path: Path) -> None:
     proc = sweep(tmp_path, "trainer.batch_size=8,abc,xyz")
     out = proc.stdout
-    assert proc.returncode == 2, out[-3000:]
+    assert proc.returncode == 1, out[-3000:]
     assert "Traceback" not in out
     lines = [ln for ln in out.splitlines() if ln.startswith("lorabench: error: job")]
     assert [ln.split(" (")[0] for ln in lines] == ["lorabench: error: job 1", "lorabench: error: job 2"]
     assert "Value 'abc' of type 'str' could not be converted to Integer" in lines[0]
-    assert not list(tmp_path.glob("*/summary.json"))
+    assert "lorabench: 2 job(s) that do not compose are left out and recorded as failed; the others run " \
+           "(trainer.batch_size=8)" in out
+    s = summaries(tmp_path)
+    assert list(s) == ["0_lora_s0"] and s["0_lora_s0"]["status"] == "completed"
+    csv = pd.read_csv(tmp_path / "sweep_summary.csv")
+    assert list(csv["status"]) == ["completed", "failed", "failed"]
+    assert "lorabench: 2 of 3 jobs failed" in out
+
+
+def test_unknown_group_choice_in_a_sweep_is_left_out_and_the_others_run(tmp_path: Path) -> None:
+    proc = sweep(tmp_path, "strategy=lora,nosuch")
+    out = proc.stdout
+    assert proc.returncode == 1, out[-3000:]
+    assert [ln for ln in out.splitlines() if ln.startswith("lorabench: error:")] == [
+        "lorabench: error: job 1 (strategy=nosuch): strategy: unknown strategy 'nosuch', expected one of "
+        f"{sorted(p.stem for p in (REPO / 'conf' / 'strategy').glob('*.yaml'))}"
+    ]
+    assert summaries(tmp_path)["0_lora_s0"]["status"] == "completed"
+
+
+def test_a_sweep_where_no_job_composes_runs_nothing(tmp_path: Path) -> None:
+    proc = sweep(tmp_path, "trainer.batch_size=abc,xyz")
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert "lorabench: no job of the sweep composes; nothing ran" in proc.stdout
+    assert "Traceback" not in proc.stdout and not list(tmp_path.glob("*/summary.json"))
 
 
 def test_exception_inside_training_fails_its_job_and_its_wandb_run_only(tmp_path: Path) -> None:

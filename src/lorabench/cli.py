@@ -18,10 +18,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from lorabench.checks import register_configs, validate
-from lorabench.training.sweep import LAST_SWEEP, expand_jobs, one_line, report
+from lorabench.training.sweep import LAST_SWEEP, expand_jobs, one_line, report, without_values
 from lorabench.errors import ConfigError, Interrupted
 from lorabench.training.preempt import Preempted, requeue_or_exit
 from lorabench.utils import atomic_write_text
@@ -192,6 +192,9 @@ def job_problem(config_name: str, overrides: list[str]) -> tuple[Optional[str], 
     """(one-line reason or None, whether it is a composition error) for one job's overrides."""
     from hydra import compose
 
+    unknown = check_group_choices(overrides, Path(conf_dir()))
+    if unknown:
+        return unknown, True
     try:
         cfg = compose(config_name=config_name, overrides=overrides)
     except Exception as e:  # noqa: BLE001 - any composition failure is one line
@@ -208,6 +211,7 @@ class SweepCallback(Callback):
 
     def __init__(self) -> None:
         self.sweep_dir: Optional[Path] = None
+        self.not_run: list[dict[str, Any]] = []  # jobs dropped because they do not compose
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         LAST_SWEEP.update(jobs=0, failed=0)
@@ -215,7 +219,8 @@ class SweepCallback(Callback):
         if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
             return  # other sweepers (optuna) choose their jobs as they go
         overrides = [str(o) for o in config.hydra.overrides.task]
-        problems, composition = [], False
+        self.not_run = []
+        problems, uncomposable = [], {}
         jobs = expand_jobs(overrides)
         swept = [o for o in jobs[0] if any(o not in job for job in jobs)] if len(jobs) > 1 else []
         swept_keys = {o.partition("=")[0] for o in swept}
@@ -224,19 +229,34 @@ class SweepCallback(Callback):
             if reason:
                 which = " ".join(o for o in job if o.partition("=")[0] in swept_keys) or " ".join(job)
                 problems.append(f"lorabench: error: job {num} ({which}): {reason}")
-                composition = composition or bad_compose
+                if bad_compose:
+                    uncomposable[num] = reason
         for line in problems:
             print(line, file=sys.stderr)
-        if composition:
-            sys.exit(2)  # Hydra cannot launch a sweep whose job does not compose: nothing has run
-        if problems:
-            print(f"lorabench: {len(problems)} invalid job(s) are recorded as failed without running; "
-                  "the others run", file=sys.stderr)
+        if uncomposable:
+            # Hydra composes every job of a sweep before launching any and stops at the first that
+            # does not compose, so such jobs are taken out of the sweep: its swept values that only
+            # failing jobs have are dropped, when what remains is exactly the other jobs.
+            pruned = without_values(overrides, jobs, set(uncomposable))
+            if pruned is None:
+                why = ("no job of the sweep composes" if len(uncomposable) == len(jobs) else
+                       "these jobs fail by a combination of values and cannot be left out alone")
+                print(f"lorabench: {why}; nothing ran", file=sys.stderr)
+                sys.exit(2)
+            with read_write(config.hydra.overrides):
+                config.hydra.overrides.task = pruned
+            self.not_run = [{"job": None, "overrides": " ".join(jobs[n]), "status": "failed", "error": reason}
+                            for n, reason in uncomposable.items()]
+            print(f"lorabench: {len(uncomposable)} job(s) that do not compose are left out and recorded as failed; "
+                  f"the others run ({' '.join(o for o in pruned if o.partition('=')[0] in swept_keys)})", file=sys.stderr)
+        if len(problems) > len(uncomposable):
+            print(f"lorabench: {len(problems) - len(uncomposable)} invalid job(s) are recorded as failed without "
+                  "running; the others run", file=sys.stderr)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.sweep_dir is None:
             return
-        jobs, failed = report(self.sweep_dir)
+        jobs, failed = report(self.sweep_dir, self.not_run)
         LAST_SWEEP.update(jobs=jobs, failed=failed)
 
 
@@ -247,15 +267,19 @@ GROUPS = (
 )
 
 
-def check_group_choices(argv: list[str], conf: Path) -> Optional[str]:
+def check_group_choices(argv: list[str], conf: Path, sweep: bool = False) -> Optional[str]:
     """One line for `group=choice` overrides naming a choice with no YAML (before Hydra's
-    multi-line error): e.g. strategy=lorra → the list of strategies that exist."""
+    multi-line error): e.g. strategy=lorra → the list of strategies that exist. In a sweep
+    (`sweep=True`) a list with some existing choices passes: SweepCallback drops the bad ones."""
     for arg in argv:
         key, sep, value = arg.lstrip("+~").partition("=")
         if not sep or key not in GROUPS or value in ("null", ""):
             continue
         choices = sorted(p.stem for p in (conf / key).glob("*.yaml"))
-        for v in value.split(","):
+        values = value.split(",")
+        if sweep and len(values) > 1 and any(v in choices for v in values):
+            continue
+        for v in values:
             if v not in choices:
                 return f"{key}: unknown {key} '{v}', expected one of {choices}"
     return None
@@ -325,7 +349,7 @@ def main() -> Any:
         print(f"lorabench: error: {e}", file=sys.stderr)
         sys.exit(2)
     problem = (
-        check_group_choices(argv, Path(conf_dir())) or check_slurm(argv) or check_overrides(argv, Path(conf_dir()))
+        check_group_choices(argv, Path(conf_dir()), sweep="-m" in argv or "--multirun" in argv) or check_slurm(argv) or check_overrides(argv, Path(conf_dir()))
     )
     if problem:
         print(f"lorabench: error: {problem}", file=sys.stderr)

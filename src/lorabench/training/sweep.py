@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from omegaconf import OmegaConf
 
@@ -47,6 +47,27 @@ def expand_jobs(overrides: list[str]) -> list[list[str]]:
 
     parsed = OverridesParser.create().parse_overrides(overrides)
     return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def without_values(overrides: list[str], jobs: list[list[str]], bad: set[int]) -> Optional[list[str]]:
+    """The sweep's overrides with the swept values that only `bad` jobs have removed, if the
+    result expands to exactly the other jobs (in their order); else None (e.g. the failure comes
+    from a combination of values, or nothing is left)."""
+    good = [job for num, job in enumerate(jobs) if num not in bad]
+    if not good:
+        return None
+    values: dict[str, list[str]] = {}
+    for job in jobs:
+        for o in job:
+            key, _, value = o.partition("=")
+            if value not in values.setdefault(key, []):
+                values[key].append(value)
+    kept = {key: [v for v in vs if any(f"{key}={v}" in job for job in good)] for key, vs in values.items()}
+    pruned = [f"{key}={','.join(kept[key])}" if len(vs) > 1 else f"{key}={vs[0]}" for key, vs in values.items()]
+    try:
+        return pruned if expand_jobs(pruned) == good else None
+    except Exception:  # noqa: BLE001 - a value that does not survive re-joining: keep the sweep as it was
+        return None
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, str]:
@@ -125,9 +146,16 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def report(sweep_dir: Path) -> tuple[int, int]:
-    """Write `sweep_summary.csv`, print the table and the failed jobs; (jobs, failed)."""
+def report(sweep_dir: Path, not_run: Optional[list[dict[str, Any]]] = None) -> tuple[int, int]:
+    """Write `sweep_summary.csv`, print the table and the failed jobs; (jobs, failed).
+    `not_run`: rows for jobs left out of the sweep (they have no job dir)."""
+    import pandas as pd
+
     df = collect(sweep_dir)
+    if not_run:
+        extra = [{**row, **{f"override:{k}": v for k, v in parse_overrides(row["overrides"].split()).items()}}
+                 for row in not_run]
+        df = pd.concat([df, pd.DataFrame(extra)], ignore_index=True)
     if df.empty:
         print(f"lorabench: no job dirs under {sweep_dir}", file=sys.stderr)
         return 0, 0
@@ -141,6 +169,7 @@ def report(sweep_dir: Path) -> tuple[int, int]:
     swept = [c for c in df.columns if c.startswith("override:") and df[c].nunique(dropna=False) > 1]
     for _, r in failed.iterrows():
         which = " ".join(f"{c.removeprefix('override:')}={r[c]}" for c in swept) or r["overrides"]
-        print(f"{r['status']}: job {r['job']} ({which}): {r.get('error', '')}")
+        job = f"job {int(r['job'])}" if pd.notna(r["job"]) else "not run"
+        print(f"{r['status']}: {job} ({which}): {r.get('error', '')}")
     print(f"wrote {Path(sweep_dir) / 'sweep_summary.csv'}")
     return len(df), len(failed)
