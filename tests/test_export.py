@@ -183,6 +183,10 @@ def test_lorabench_eval_exports_a_runs_merged_model(tmp_path: Path, capsys) -> N
     capsys.readouterr()  # drop the loaders' progress output
     assert main([str(run_dir), "--export", "gguf"]) == 2
     assert capsys.readouterr().err.strip() == "lorabench-eval: error: --out: --export gguf needs an output path (--out PATH)"
+    assert main([str(run_dir), "--export", "peft", "--out", str(tmp_path / "peft")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a QA-LoRA adapter, whose pooled forward PEFT does not compute" in err[0]
+    assert not (tmp_path / "peft" / "base").exists()
 
 
 @pytest.mark.parametrize(("bits", "group_size"), [(4, 32), (3, 32), (2, 32), (8, 32), (4, 16)])

@@ -86,6 +86,14 @@ def test_lm_eval_accuracy_equals_an_independent_loglikelihood_argmax(tmp_path: P
     assert "\n" not in str(e.value) and str(e.value).startswith("--lm-eval: unknown task(s) ['no_such_task']")
 
 
+def test_a_missing_include_dir_is_one_line(tmp_path: Path) -> None:
+    from lorabench.lm_eval_bridge import lm_eval_scores
+
+    with pytest.raises(ConfigError) as e:
+        lm_eval_scores(tiny_llama(vocab=50), CharTokenizer().tok, [TASK], tmp_path / "nope")
+    assert str(e.value) == f"--lm-eval-include: {tmp_path / 'nope'} is not a directory of task YAMLs"
+
+
 def test_lorabench_eval_scores_a_run_with_lm_eval(tmp_path: Path, capsys) -> None:
     from lorabench.eval_cli import main, rebuild_run
     from tests.test_export import trained_run

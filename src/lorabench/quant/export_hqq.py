@@ -13,6 +13,7 @@ optimizer pass), then its codes, scales and zeros are replaced by the harness's.
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -62,15 +63,9 @@ def export_hqq(model: nn.Module, tokenizer: Any, out_dir: Path) -> dict[str, int
         replace_module(copied, name, to_hqq_linear(copied.get_submodule(name)))
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     AutoHQQHFModel.save_quantized(copied, str(tmp))
     tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        import shutil
-
-        shutil.rmtree(out_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)  # written beside, then renamed into place
     tmp.rename(out_dir)
     return {"hqq_layers": len(layers), "bytes": sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())}
