@@ -208,3 +208,19 @@ def test_hqq_package_reloads_the_hqq_export_with_equal_logits(bits: int, group_s
     want = logits(merged, ids)
     assert np.array_equal(logits(reloaded, ids), want)
     assert np.abs(logits(base, ids) - want).max() > 1e-2  # the adapter is in the file
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_float_model_exports_as_f32_with_equal_logits(tie: bool, tmp_path: Path) -> None:
+    """A merged float model (lora / qlora merge=16bit) is all F32: transformers reloads it exactly;
+    tied embeddings are written once (no output.weight), as llama.cpp's converter does."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama(vocab=50, heads=2, tie=tie).eval()
+    path = tmp_path / "f32.gguf"
+    assert export_gguf(model, CharTokenizer().tok, path)["q4_1_tensors"] == 0
+    names = {t.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert ("output.weight" in names) is not tie and len(names) == 21 - tie
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name).eval()
+    ids = CharTokenizer().encode(TEXT)
+    assert np.array_equal(logits(reloaded, ids), logits(model, ids))
