@@ -166,6 +166,7 @@ def run_sweep(sweep_dir: Path, hook_dir: Path, signals: str = "") -> subprocess.
                           timeout=900)
 
 
+@pytest.mark.slow
 def test_submitit_sweep_preempted_and_killed_jobs_end_as_uninterrupted_runs(tmp_path: Path) -> None:
     """Job 0 gets submitit's preemption signal (SIGUSR2) mid step 6: it checkpoints at step 6 and
     submitit requeues it in the same sweep. Job 1 is SIGKILLed mid step 6 (checkpoint at step 4):

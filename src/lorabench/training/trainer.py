@@ -164,8 +164,8 @@ class Trainer:
             losses: list[torch.Tensor] = []
 
             def forward_backward() -> None:
-                loss = self.forward_model(**shard).loss * weight if self.dist.active \
-                    else self.forward_model(**shard).loss / tc.grad_accum_steps
+                mean = self.forward_model(**shard).loss  # over this rank's loss tokens
+                loss = mean * weight if self.dist.active else mean / tc.grad_accum_steps
                 loss.backward()
                 losses.append(loss / self.dist.world)
 
