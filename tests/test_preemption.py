@@ -203,3 +203,23 @@ def test_submitit_sweep_preempted_and_killed_jobs_end_as_uninterrupted_runs(tmp_
         summary = json.loads((job / "summary.json").read_text())
         assert {k: summary[k] for k in FINAL_KEYS} == {k: straight[k] for k in FINAL_KEYS}
         assert comparable(job) == comparable(tmp_path / f"straight{seed}")
+
+
+def test_sigterm_to_a_single_run_is_one_line_exit_143_and_the_rerun_completes(tmp_path: Path) -> None:
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SIGNAL_HOOK)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONPATH": f"{hook}{os.pathsep}{REPO}"}
+    cmd = [sys.executable, "-m", "lorabench", *TINY, *RESUMABLE, "extras.print_config=false", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**env, "LORABENCH_TEST_SIGNALS": "run:2:SIGTERM"})
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"lorabench: stopped by SIGTERM at step 3; checkpoint at step 3 in {run_dir}; resume with: lorabench ")
+    assert last.endswith(f"hydra.run.dir={run_dir}")
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "preempted"
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    assert [r["step"] for r in rows(run_dir) if "train/loss" in r] == list(range(1, 11))

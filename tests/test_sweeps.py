@@ -149,3 +149,33 @@ def test_exception_inside_training_fails_its_job_and_its_wandb_run_only(tmp_path
     codes = [read_offline_run(find_offline_runs(tmp_path / d)[0], wait_for_exit=60)["exit_code"]
              for d in ("0_lora_s0", "1_lora_s0")]
     assert codes == [1, 0]
+
+
+def test_a_job_dir_without_summary_is_listed_missing_killed(tmp_path: Path) -> None:
+    from lorabench.training.sweep import report
+
+    for num, seed, summary in ((0, 0, {"status": "completed", "eval/loss": 1.5}), (1, 1, None)):
+        hydra = tmp_path / f"{num}_lora_s{seed}" / ".hydra"
+        hydra.mkdir(parents=True)
+        (hydra / "overrides.yaml").write_text(f"- seed={seed}\n")
+        (hydra / "hydra.yaml").write_text(f"hydra:\n  job:\n    num: {num}\n")
+        if summary:
+            (hydra.parent / "summary.json").write_text(json.dumps(summary))
+    not_run = [{"job": None, "overrides": "seed=2 strategy=nosuch", "status": "failed", "error": "no such strategy"}]
+    assert report(tmp_path, not_run) == (3, 2)
+    csv = pd.read_csv(tmp_path / "sweep_summary.csv")
+    assert list(csv["status"]) == ["completed", "missing/killed", "failed"]
+    assert csv.loc[1, "error"].startswith(f"no summary.json in {tmp_path / '1_lora_s1'}: the job was killed")
+
+
+def test_without_values_drops_only_values_that_fail_on_their_own() -> None:
+    from lorabench.training.sweep import expand_jobs, without_values
+
+    overrides = ["strategy=lora,nosuch", "seed=0,1", "trainer.max_steps=2"]
+    jobs = expand_jobs(overrides)
+    assert len(jobs) == 4
+    bad = {n for n, job in enumerate(jobs) if "strategy=nosuch" in job}
+    assert without_values(overrides, jobs, bad) == ["strategy=lora", "seed=0,1", "trainer.max_steps=2"]
+    one = {next(n for n, job in enumerate(jobs) if job[:2] == ["strategy=nosuch", "seed=1"])}
+    assert without_values(overrides, jobs, one) is None  # a combination: dropping a value drops good jobs
+    assert without_values(overrides, jobs, set(range(4))) is None  # nothing left
