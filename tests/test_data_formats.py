@@ -268,3 +268,17 @@ def test_a_job_on_alpaca_reports_mc_accuracy_before_and_after(tmp_path: Path) ->
     assert summary["status"] == "completed"
     assert summary["eval/mc_accuracy_base"] in {k / 5 for k in range(6)}
     assert summary["eval/mc_accuracy"] in {k / 5 for k in range(6)}
+
+
+def test_prompts_start_with_bos_only_when_the_tokenizer_adds_one(tmp_path: Path) -> None:
+    raw = printable_tokenizer()
+    raw._tokenizer.post_processor = None  # SmolLM2-like: encode() adds no bos
+    no_bos = HFTokenizer(raw)
+    assert (TOK.adds_bos, no_bos.adds_bos) == (True, False)
+    f = write(tmp_path / "alpaca.jsonl", ALPACA)
+    with_bos = build_task(task_cfg(name="instruct", dataset=str(f), eval_size=2), TOK, seed=0)
+    without = build_task(task_cfg(name="instruct", dataset=str(f), eval_size=2, mc_dataset=str(write(tmp_path / "mc.jsonl", MC)),
+                                  mc_split="train"), no_bos, seed=0)
+    assert [e.ids[1:] for e in with_bos.train] == [e.ids for e in without.train]
+    context = without.mc.items[0].context
+    assert context == no_bos.encode(TOK.decode(context)) and TOK.decode(context).startswith("The following are")
