@@ -103,7 +103,8 @@ def add_hparams(writer: Any, cfg: Any) -> None:
 def add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
     """tokenizer.ggml.*: a character-level WordLevel vocabulary (the tiny backbone's) as a GGUF
     "llama" vocab (one token per character, no merges), a byte-level BPE one as "gpt2" with its
-    merges. Both loaders need the token list; llama.cpp also needs scores (llama) or merges (gpt2)."""
+    merges. llama.cpp refuses a file without the model type and token list (and, for gpt2, the
+merges); transformers' tokenizer loader reads the same keys (its model loader needs none)."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     kind = spec["model"]["type"]
     vocab = dict(spec["model"]["vocab"])
