@@ -34,7 +34,7 @@ class QALoRAConfig(StrategyConfig):
     lr: float = 2e-3  # tuned on the default task with pooling=sum (INT4, seed 0: 2e-3 → 44% exact match; 1e-2 unstable)
     bits: int = 4  # INT-N width of the base weights (2, 3, 4 or 8)
     group_size: int = 32  # g: quantization group along in_features, also the pooling group
-    quantizer: str = "rtn"  # how the codes are chosen: rtn (round-to-nearest from min/max); gptq not yet
+    quantizer: str = "rtn"  # how the codes are chosen: rtn (round-to-nearest from min/max) | hqq (optimized fractional zeros, fp16); gptq not yet
     pooling: str = "sum"  # sum (paper's Algorithm 1; learns best here) | mean (official code; 7-25% at lr 1e-2..1e-1): docs/qalora.md#pooling
     rank: int = 8  # r: rank of the pooled update B@A
     alpha: float = 16.0  # α: the update is scaled by α/r
