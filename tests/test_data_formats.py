@@ -282,3 +282,14 @@ def test_prompts_start_with_bos_only_when_the_tokenizer_adds_one(tmp_path: Path)
     assert [e.ids[1:] for e in with_bos.train] == [e.ids for e in without.train]
     context = without.mc.items[0].context
     assert context == no_bos.encode(TOK.decode(context)) and TOK.decode(context).startswith("The following are")
+
+
+def test_over_long_examples_are_refused_or_dropped(tmp_path: Path) -> None:
+    rows = ALPACA + [{"instruction": "Write a long answer.", "input": "", "output": "x" * 600}] * 3
+    f = write(tmp_path / "alpaca.jsonl", rows)
+    with pytest.raises(ConfigError, match=r"^task.max_length: an example needs \d+ tokens, more than 512$"):
+        build_task(task_cfg(name="instruct", dataset=str(f), eval_size=2), TOK, seed=0)
+    data = build_task(task_cfg(name="instruct", dataset=str(f), eval_size=2, drop_long=True), TOK, seed=0)
+    assert len(data.train) + len(data.eval) == len(ALPACA)  # the three long rows, wherever they fell, are gone
+    assert all(len(e.ids) <= 512 for e in data.train + data.eval)
+    assert [e.answer for e in data.train_examples] == [TOK.decode(e.ids[e.n_prompt:]) for e in data.train]

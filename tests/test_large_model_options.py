@@ -31,3 +31,16 @@ def test_paged_adamw_on_cpu_is_one_line(tmp_path: Path) -> None:
 def test_hub_presets_are_bf16_with_gradient_checkpointing(preset: str, hub: str) -> None:
     m = compose_cfg(f"model={preset}").model
     assert (m.source, m.name_or_path, m.dtype, m.gradient_checkpointing) == ("hf", hub, "bf16", True)
+
+
+def test_relora_reset_refuses_an_optimizer_without_adamw_moments() -> None:
+    import torch
+
+    from lorabench.training.optimizer import prune_moments
+
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)  # like bitsandbytes' optimizers: other state names
+    p.grad = torch.ones(4)
+    opt.step()
+    with pytest.raises(ConfigError, match=r"^optim.name: the optimizer reset prunes torch AdamW's moments; SGD has none"):
+        prune_moments(opt, [p], 0.99, "magnitude")

@@ -34,7 +34,7 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "sort"  # a synthetic family (sort, add, reverse, copy, kv, caesar), corpus (pretraining mixture), hf (prompt/answer), instruct (Alpaca) or text (packed raw text)
+    name: str = "sort"  # a synthetic family (sort, add, reverse, copy, kv, caesar), corpus (pretraining mixture), facts (a fixed random key→value table to memorize), hf (prompt/answer), instruct (Alpaca) or text (packed raw text)
     families: list[str] = field(default_factory=lambda: ["add", "reverse", "copy", "kv"])  # corpus only: families mixed
     difficulty_min: int = 4  # smallest difficulty (list length, digits, pairs: per family)
     difficulty_max: int = 14  # largest difficulty
@@ -42,7 +42,8 @@ class TaskConfig:
     eval_size: int = 300  # held-out examples, disjoint from training
     loss_on: str = "answer"  # answer: loss on answer tokens only | all: every token (pretraining)
     generate: bool = True  # score exact match by greedy generation (off for perplexity-only tasks)
-    max_length: int = 128  # tokens per example after tokenization (longer ones are refused)
+    max_length: int = 128  # tokens per example after tokenization (longer ones are refused, or dropped with drop_long)
+    drop_long: bool = False  # drop (and log) examples longer than max_length instead of refusing the task (real datasets)
     dataset: Optional[str] = None  # hf/instruct/text: datasets name or local file (json/jsonl/csv/parquet)
     dataset_config: Optional[str] = None  # hf/instruct/text: dataset config name
     train_split: str = "train"  # hf/instruct/text: split to train on
@@ -54,6 +55,7 @@ class TaskConfig:
     output_field: str = "output"  # instruct only: the response column (the only tokens with loss)
     template: str = "alpaca"  # instruct only: alpaca (Stanford Alpaca's prompt) | chat (the tokenizer's chat template)
     text_field: str = "text"  # text only: column of raw documents, packed into blocks of max_length tokens
+    table_seed: int = 0  # facts only: seed of the fixed key→value table (the run seed never changes it)
     mc_dataset: Optional[str] = None  # an MMLU-format eval set (datasets name or local file): adds eval/mc_accuracy to any task
     mc_config: Optional[str] = None  # mc: dataset config name (e.g. an MMLU subject)
     mc_split: str = "test"  # mc: split scored (a local file's only split is train)

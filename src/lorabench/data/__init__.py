@@ -1,4 +1,4 @@
-"""Tasks: the synthetic suite (and its pretraining corpus) and HF datasets (prompt/answer,
+"""Tasks: the synthetic suite (its pretraining corpus, a fact table to memorize) and HF datasets (prompt/answer,
 Alpaca instructions, packed raw text, an optional MMLU-format MC eval set), behind one builder."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from lorabench.data.tasks import TaskData
 from lorabench.data.tokenizer import CharTokenizer, HFTokenizer, Tokenizer
 from lorabench.errors import ConfigError
 
-SPECIAL_TASKS = ("corpus", "hf", "instruct", "text")
+SPECIAL_TASKS = ("corpus", "facts", "hf", "instruct", "text")
 
 
 def validate_task(cfg: Any) -> None:
@@ -31,6 +31,10 @@ def validate_task(cfg: Any) -> None:
         raise ConfigError("task.train_size/eval_size: expected positive sizes")
     if cfg.name == "text" and cfg.generate:
         raise ConfigError("task.generate: packed text is scored by perplexity only; set task.generate=false")
+    if cfg.name == "facts":
+        from lorabench.data.facts import check_fact_config
+
+        check_fact_config(cfg)
     if cfg.get("mc_shots", 0) < 0 or cfg.get("mc_size", 0) < 0:
         raise ConfigError("task.mc_shots/mc_size: expected sizes >= 0")
 
@@ -55,6 +59,10 @@ def _build_splits(cfg: Any, tokenizer: Tokenizer, seed: int) -> TaskData:
         from lorabench.data.hf import load_hf_examples
 
         train, evals = load_hf_examples(cfg, seed)
+    elif cfg.name == "facts":
+        from lorabench.data.facts import load_fact_examples
+
+        train, evals = load_fact_examples(cfg, seed)
     elif cfg.name == "instruct":
         from lorabench.data.instruct import load_instruct_examples
 
@@ -68,7 +76,8 @@ def _build_splits(cfg: Any, tokenizer: Tokenizer, seed: int) -> TaskData:
                 sample_example, family=cfg.name, dmin=cfg.difficulty_min, dmax=cfg.difficulty_max
             )
         train, evals = make_splits(lambda rng: sample(rng), cfg.train_size, cfg.eval_size, seed)
-    return TaskData(train, evals, tokenizer, seed, cfg.loss_on, cfg.max_length, parse_special=parse_special)
+    return TaskData(train, evals, tokenizer, seed, cfg.loss_on, cfg.max_length, parse_special=parse_special,
+                    drop_long=cfg.get("drop_long", False))
 
 
 __all__ = ["CharTokenizer", "HFTokenizer", "TaskData", "Tokenizer", "build_task", "validate_task"]

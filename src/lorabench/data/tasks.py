@@ -6,6 +6,7 @@ batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -14,6 +15,8 @@ import torch
 from lorabench.data.synthetic import Example
 from lorabench.data.tokenizer import Tokenizer
 from lorabench.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,10 +38,12 @@ class TaskData:
         max_length: int = 128,
         parse_special: bool = False,
         add_bos: Optional[bool] = None,
+        drop_long: bool = False,
     ) -> None:
         """`parse_special`: prompts hold real special tokens (a rendered chat template, which
         brings its own start). `add_bos`: start every prompt with bos (default: as the tokenizer
-        itself does, and never under `parse_special`)."""
+        itself does, and never under `parse_special`). `drop_long`: leave out examples longer
+        than `max_length` (logged) instead of refusing the task."""
         if not train or not evals:
             raise ConfigError("task: produced an empty train or eval split; check task.train_size / task.eval_size")
         self.tok = tokenizer
@@ -46,10 +51,8 @@ class TaskData:
         self.loss_on = loss_on
         self.parse_special = parse_special
         self.add_bos = (getattr(tokenizer, "adds_bos", True) and not parse_special) if add_bos is None else add_bos
-        self.train_examples = train
-        self.eval_examples = evals
-        self.train = [self._encode(e, max_length) for e in train]
-        self.eval = [self._encode(e, max_length) for e in evals]
+        self.train_examples, self.train = self._encode_all(train, max_length, drop_long, "train")
+        self.eval_examples, self.eval = self._encode_all(evals, max_length, drop_long, "eval")
         self._perms: dict[int, torch.Tensor] = {}
         self.mc: Optional[Any] = None  # a multiple-choice eval set (lorabench.data.mc.MCSet), scored beside the split
 
@@ -69,11 +72,24 @@ class TaskData:
         data.mc = None
         return data
 
-    def _encode(self, ex: Example, max_length: int) -> Encoded:
+    def _encode_all(
+        self, examples: list[Example], max_length: int, drop_long: bool, split: str
+    ) -> tuple[list[Example], list[Encoded]]:
+        """The examples kept and their encodings (all of them, unless `drop_long` drops the over-long)."""
+        if not drop_long:
+            return examples, [self._encode(e, max_length) for e in examples]
+        kept = [(e, enc) for e in examples if len((enc := self._encode(e, None)).ids) <= max_length]
+        if len(kept) < len(examples):
+            log.info("task: dropped %d of %d %s examples longer than task.max_length=%d", len(examples) - len(kept), len(examples), split, max_length)
+        if not kept:
+            raise ConfigError(f"task.max_length: every {split} example is longer than {max_length} tokens")
+        return [e for e, _ in kept], [enc for _, enc in kept]
+
+    def _encode(self, ex: Example, max_length: Optional[int]) -> Encoded:
         p = [self.tok.bos_id] if self.add_bos else []
         p += self.tok.encode(ex.prompt, parse_special=self.parse_special)
         a = self.tok.encode(ex.answer) + [self.tok.eos_id]  # the answer is data, never special tokens
-        if len(p) + len(a) > max_length:
+        if max_length is not None and len(p) + len(a) > max_length:
             raise ConfigError(
                 f"task.max_length: an example needs {len(p) + len(a)} tokens, more than {max_length}"
             )

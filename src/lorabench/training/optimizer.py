@@ -78,7 +78,9 @@ def prune_moments(
     zeroed = total = 0
     for p in params:
         state = optimizer.state.get(p)
-        if not state or "exp_avg_sq" not in state:
+        if state and "exp_avg_sq" not in state:  # bitsandbytes keeps its moments as state1/state2
+            raise ConfigError(f"optim.name: the optimizer reset prunes torch AdamW's moments; {type(optimizer).__name__} has none (use optim=adamw)")
+        if not state:
             continue
         v, m = state["exp_avg_sq"], state["exp_avg"]
         n = v.numel()
@@ -119,7 +121,9 @@ def prune_moments_separately(
     zeroed = total = 0
     for p in params:
         state = optimizer.state.get(p)
-        if not state or "exp_avg_sq" not in state:
+        if state and "exp_avg_sq" not in state:  # bitsandbytes keeps its moments as state1/state2
+            raise ConfigError(f"optim.name: the optimizer reset prunes torch AdamW's moments; {type(optimizer).__name__} has none (use optim=adamw)")
+        if not state:
             continue
         for key in MOMENTS:
             t = state[key]
