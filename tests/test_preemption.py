@@ -205,6 +205,7 @@ def test_submitit_sweep_preempted_and_killed_jobs_end_as_uninterrupted_runs(tmp_
         assert comparable(job) == comparable(tmp_path / f"straight{seed}")
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_single_run_is_one_line_exit_143_and_the_rerun_completes(tmp_path: Path) -> None:
     hook = tmp_path / "hook"
     hook.mkdir()
