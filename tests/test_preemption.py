@@ -224,3 +224,27 @@ def test_sigterm_to_a_single_run_is_one_line_exit_143_and_the_rerun_completes(tm
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     assert [r["step"] for r in rows(run_dir) if "train/loss" in r] == list(range(1, 11))
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_joblib_job_records_it_preempted_and_the_others_run(tmp_path: Path) -> None:
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SIGNAL_HOOK)
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONPATH": f"{hook}{os.pathsep}{REPO}"}
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "lorabench", "-m", *TINY, *RESUMABLE, "seed=0,1", "extras.print_config=false",
+           "hydra/launcher=joblib", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, timeout=600,
+                          env={**env, "LORABENCH_TEST_SIGNALS": "0_:5:SIGTERM"})
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert f"lorabench: job 0 stopped by SIGTERM at step 6; checkpoint at step 6 in {sweep / '0_lora_s0'}; " \
+           "rerun the sweep to resume it" in proc.stdout
+    assert list(pd.read_csv(sweep / "sweep_summary.csv")["status"]) == ["preempted", "completed"]
+    again = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, timeout=600,
+                           env=env)
+    assert again.returncode == 0, again.stdout[-3000:]
+    straight = run_tiny(tmp_path / "straight", *RESUMABLE, "seed=0")
+    summary = json.loads((sweep / "0_lora_s0" / "summary.json").read_text())
+    assert {k: summary[k] for k in FINAL_KEYS} == {k: straight[k] for k in FINAL_KEYS}
+    assert comparable(sweep / "0_lora_s0") == comparable(tmp_path / "straight")

@@ -156,6 +156,11 @@ def run_job(cfg: DictConfig) -> Optional[float]:
             sys.exit(2)
         return job_failed(cfg, str(e), e)
     except Preempted as e:  # checkpointed at a step boundary: requeue under submitit, else exit 128 + signal
+        if multirun and "joblib" in str(HydraConfig.get().launcher.get("_target_", "")).lower():
+            # a joblib worker: the signal was aimed at this job (a signal to the sweep reaches its main
+            # process too); recorded as preempted, the others run, and a rerun of the sweep resumes it
+            print(f"lorabench: job {HydraConfig.get().job.num} {e}; rerun the sweep to resume it", file=sys.stderr)
+            return None
         requeue_or_exit(e, lambda: f"{e}; resume with: {resume_command(cfg)}")
     except Interrupted as e:
         print(f"lorabench: {e}; resume with: {resume_command(cfg)}", file=sys.stderr)
