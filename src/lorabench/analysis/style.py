@@ -90,7 +90,7 @@ def plain_log(ax: plt.Axes, which: str = "y") -> None:
     axis = ax.yaxis if which == "y" else ax.xaxis
     (ax.set_yscale if which == "y" else ax.set_xscale)("log")
     axis.set_major_formatter(fmt)
-    axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "235" else ""))
+    axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "235" else ""))  # 2, 3, 5 × 10^k
 
 
 def save(fig: plt.Figure, out_dir: Path, name: str) -> list[Path]:
