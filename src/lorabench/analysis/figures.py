@@ -118,7 +118,7 @@ def qalora_bits(name: str, study: pd.DataFrame, runs: RunSet) -> Drawn:
         for bits, sub in part.groupby(bits_col):
             agg = aggregate(sub, [acc, size])
             if len(agg) != 1:
-                raise Skip(f"{strategy} runs at {bits} bits differ in more than the seed")
+                raise Skip(f"{strategy} runs at {int(bits)} bits differ in more than the seed")
             r = agg.iloc[0]
             rows.append({"series": title, "strategy": strategy, "bits": int(bits), "seeds": r["seeds"],
                          "accuracy": r[f"{acc}:mean"] * 100, "accuracy_std": r[f"{acc}:std"] * 100,
