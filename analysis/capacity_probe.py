@@ -70,8 +70,9 @@ def markdown(t: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def plot(t: pd.DataFrame, out: Path) -> list[Path]:
-    """Final eval/loss vs LoRA rank (one cycle, no warm start), full-rank as dashed lines, chance dotted."""
+def plot(t: pd.DataFrame, out: Path, full_lr: float, lora_lr: float) -> list[Path]:
+    """Final eval/loss vs LoRA rank (one cycle, no warm start, at `lora_lr`), full-rank (at `full_lr`)
+    as dashed lines, chance dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,18 +82,22 @@ def plot(t: pd.DataFrame, out: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     lora = t[(t["strategy.name"] == "relora") & (t["strategy.reset_every"] == t["trainer.max_steps"])
-             & (t["strategy.warm_start_steps"] == 0)]
+             & (t["strategy.warm_start_steps"] == 0) & (t["strategy.lr"] - lora_lr).abs().lt(1e-12)]
     for i, (n, g) in enumerate(lora.groupby("task.train_size")):
         g = g.sort_values("strategy.rank")
         colour = f"C{i}"
         ax.errorbar(g["strategy.rank"], g["eval/loss"], yerr=g["eval/loss:std"].fillna(0), marker="o", color=colour,
                     label=f"LoRA, {int(n)} facts")
-        for _, f in t[(t["strategy.name"] == "full") & (t["task.train_size"] == n)].iterrows():
+        full = t[(t["strategy.name"] == "full") & (t["task.train_size"] == n) & (t["strategy.lr"] - full_lr).abs().lt(1e-12)]
+        for _, f in full.iterrows():
             ax.axhline(f["eval/loss"], color=colour, ls="--", lw=1, label=f"full rank (lr {f['strategy.lr']:g}), {int(n)} facts")
     ax.axhline(CHANCE_LOSS, color="grey", ls=":", lw=1, label=f"chance ({CHANCE_LOSS:.3f})")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("LoRA rank r (one cycle)")
+    ax.set_xlabel(f"LoRA rank r (one cycle, lr {lora_lr:g})")
     ax.set_ylabel("final eval loss, value tokens (nats)")
+    seeds = sorted(int(v) for v in t["task.table_seed"].unique())
+    ax.set_title(f"fact table_seed {seeds}, {int(t['trainer.max_steps'].max())} steps, runs per point: "
+                 f"{int(t['seeds'].max())}", fontsize=8)
     ax.legend(fontsize=7)
     out.parent.mkdir(parents=True, exist_ok=True)
     return save(fig, out.parent, out.stem)
@@ -102,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sources", nargs="+", help="run or sweep dirs")
     ap.add_argument("--out", type=Path, help="write the loss-vs-rank figure here (PNG, and a PDF beside it)")
+    ap.add_argument("--full-lr", type=float, default=1e-3, help="the figure draws full-rank runs at this lr")
+    ap.add_argument("--lora-lr", type=float, default=3e-3, help="the figure draws LoRA runs at this lr")
     args = ap.parse_args(argv)
     runs = load([str(s) for s in args.sources]).runs if len(args.sources) == 1 else pd.concat(
         [load([str(s)]).runs for s in args.sources], ignore_index=True)
@@ -111,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     t = table(runs[runs["task.name"] == "facts"])
     print(markdown(t))
     if args.out:
-        print("wrote " + " ".join(str(p) for p in plot(t, args.out)))
+        print("wrote " + " ".join(str(p) for p in plot(t, args.out, args.full_lr, args.lora_lr)))
     return 0
 
 
