@@ -8,6 +8,7 @@ visits every fact once; and every job of the preset composes and validates.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 import random
@@ -21,7 +22,7 @@ from lorabench.checks import validate
 from lorabench.data import CharTokenizer, build_task
 from lorabench.data.facts import KEY_LENGTH, MAX_FACTS, VALUE_LENGTH, fact_table
 from lorabench.errors import ConfigError
-from tests.helpers import TINY, compose_cfg, run_tiny
+from tests.helpers import REPO, TINY, compose_cfg, run_tiny, tiny_cfg
 from tests.test_experiments import job_cfg, sweep_jobs
 
 
@@ -112,3 +113,45 @@ def test_a_tiny_facts_run_scores_value_perplexity(tmp_path: Path) -> None:
     assert summary["status"] == "completed"
     assert math.isclose(summary["eval/perplexity"], math.exp(summary["eval/loss"]), rel_tol=1e-9)
     assert "eval/accuracy" not in summary
+
+
+def load_script(name: str) -> object:
+    """An analysis/ script as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "analysis" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_relora_rank_recomputes_the_logged_rank_densely(tmp_path: Path) -> None:
+    from lorabench.training import job
+
+    run_dir = tmp_path / "run"
+    cfg = tiny_cfg(run_dir, *TINY, "task=facts", "task.train_size=64", "task.eval_size=16", "task.generate=false",
+                   "strategy=relora", "strategy.rank=2", "strategy.reset_every=2", "strategy.restart_warmup_steps=1",
+                   "optim.warmup_steps=1")
+    summary = job.run(cfg)
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    out = load_script("relora_rank").run_ranks(run_dir)
+    assert out["merges"] == 3 and out["layers"] == 14  # 6 steps / T=2; q,k,v,o,gate,up,down × 2 layers
+    assert out["numerical"] == summary["relora/update_rank_mean"] == 6.0  # 3 cycles × r=2, in 64-wide layers
+    assert 1 <= out["energy99"] <= out["numerical"] and out["above1pct"] <= out["numerical"]
+
+
+def test_capacity_probe_table_is_mean_and_sample_std_per_configuration() -> None:
+    import pandas as pd
+
+    probe = load_script("capacity_probe")
+    runs = pd.DataFrame({
+        "task.train_size": [1000] * 3, "task.table_seed": [0] * 3, "strategy.name": ["full"] * 3,
+        "strategy.rank": [None] * 3, "strategy.reset_every": [None] * 3, "strategy.warm_start_steps": [None] * 3,
+        "trainer.max_steps": [1000] * 3, "strategy.lr": [1e-3] * 3, "seed": [0, 1, 2],
+        "eval/loss": [0.1, 0.2, 0.6], "eval/perplexity": [1.0, 2.0, 3.0], "eval/token_accuracy": [0.5] * 3,
+        "params/trainable": [341120] * 3,
+    })
+    t = probe.table(runs)
+    assert len(t) == 1 and t.loc[0, "seeds"] == 3
+    assert math.isclose(t.loc[0, "eval/loss"], 0.3) and math.isclose(t.loc[0, "eval/loss:std"], math.sqrt(0.07))
+    assert "| 1000 | 0 | full |" in probe.markdown(t) and "2.000 ± 1.000" in probe.markdown(t)
+    assert math.isclose(probe.CHANCE_LOSS, -sum([math.log(0.1)] * 4 + [math.log(1.0)]) / 5)  # 4 uniform digits + a sure eos
