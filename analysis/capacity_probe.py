@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lorabench.analysis.collect import load
+from lorabench.analysis.collect import RunSet, load
 
 VALUE_DIGITS = 4  # lorabench.data.facts.VALUE_LENGTH: the value tokens scored, plus eos
 CHANCE_LOSS = VALUE_DIGITS * math.log(10) / (VALUE_DIGITS + 1)  # uniform digits, a known eos: 1.842 nats
@@ -103,15 +103,55 @@ def plot(t: pd.DataFrame, out: Path, full_lr: float, lora_lr: float) -> list[Pat
     return save(fig, out.parent, out.stem)
 
 
+def label(r: pd.Series) -> str:
+    if r["strategy.name"] == "full":
+        return "full rank"
+    ws = int(r["strategy.warm_start_steps"])
+    cycles = (int(r["trainer.max_steps"]) - ws) // int(r["strategy.reset_every"])
+    name = "LoRA" if cycles == 1 else f"ReLoRA ({cycles} cycles)"
+    return f"{name}, r={int(r['strategy.rank'])}" + (f", warm start {ws}" if ws else "")
+
+
+def plot_curves(rs: RunSet, out: Path) -> list[Path]:
+    """eval/perplexity vs step, mean over seeds (band: min..max), one line per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lorabench.analysis.style import plain_log, save
+
+    runs = rs.runs[rs.runs["task.name"] == "facts"]
+    keys = [k for k in KEYS if k in runs.columns]
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    for i, (_, g) in enumerate(runs.groupby([runs[k].fillna(-1) for k in keys], sort=True)):
+        h = rs.history(list(g["run"]), ["eval/perplexity"]).dropna(subset=["eval/perplexity"])
+        stats = h.groupby("step")["eval/perplexity"].agg(["mean", "min", "max"])
+        ax.plot(stats.index, stats["mean"], marker="o", ms=3, color=f"C{i}",
+                label=f"{label(g.iloc[0])} ({g['seed'].nunique()} seeds)")
+        ax.fill_between(stats.index, stats["min"], stats["max"], color=f"C{i}", alpha=0.15, lw=0)
+    ax.axhline(math.exp(CHANCE_LOSS), color="grey", ls=":", lw=1, label=f"chance ({math.exp(CHANCE_LOSS):.2f})")
+    plain_log(ax, "y")
+    ax.set_ylim(top=8)
+    ax.set_title(f"fact table_seed {sorted(int(v) for v in runs['task.table_seed'].unique())}, "
+                 f"{sorted(int(v) for v in runs['task.train_size'].unique())} facts; band: min..max over seeds", fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("eval perplexity, value tokens (the table itself)")
+    ax.legend(fontsize=7)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return save(fig, out.parent, out.stem)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sources", nargs="+", help="run or sweep dirs")
     ap.add_argument("--out", type=Path, help="write the loss-vs-rank figure here (PNG, and a PDF beside it)")
+    ap.add_argument("--curves", type=Path, help="write eval perplexity vs step per configuration here (PNG + PDF)")
     ap.add_argument("--full-lr", type=float, default=1e-3, help="the figure draws full-rank runs at this lr")
     ap.add_argument("--lora-lr", type=float, default=3e-3, help="the figure draws LoRA runs at this lr")
     args = ap.parse_args(argv)
-    runs = load([str(s) for s in args.sources]).runs if len(args.sources) == 1 else pd.concat(
-        [load([str(s)]).runs for s in args.sources], ignore_index=True)
+    rs = load([str(s) for s in args.sources])
+    runs = rs.runs
     if runs.empty:
         print(f"capacity_probe: no completed runs under {args.sources}", file=sys.stderr)
         return 1
@@ -119,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(t))
     if args.out:
         print("wrote " + " ".join(str(p) for p in plot(t, args.out, args.full_lr, args.lora_lr)))
+    if args.curves:
+        print("wrote " + " ".join(str(p) for p in plot_curves(rs, args.curves)))
     return 0
 
 
