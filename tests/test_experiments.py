@@ -22,7 +22,7 @@ from tests.helpers import CONF, compose_cfg
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 JOBS = {"compare": 21, "rank_sweep": 84, "lr_sweep": 75, "memory_scaling": 30, "qalora_table1": 21,
-        "relora_table2": 10, "relora_capacity": 10, "qlora_paper": 1}
+        "relora_table2": 10, "relora_capacity": 15, "qlora_paper": 1}
 
 
 def sweep_jobs(name: str) -> list[list[str]]:

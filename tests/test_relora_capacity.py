@@ -84,7 +84,7 @@ def test_bad_sizes_are_one_line_naming_the_key(overrides: tuple[str, ...], key: 
 
 def test_every_job_of_relora_capacity_composes_and_validates() -> None:
     jobs = sweep_jobs("relora_capacity")
-    assert len(jobs) == 10
+    assert len(jobs) == 15  # 5 cells × 3 seeds
     cells = {}
     for job in jobs:
         cfg = job_cfg("relora_capacity", job)
