@@ -179,3 +179,18 @@ def test_without_values_drops_only_values_that_fail_on_their_own() -> None:
     one = {next(n for n, job in enumerate(jobs) if job[:2] == ["strategy=nosuch", "seed=1"])}
     assert without_values(overrides, jobs, one) is None  # a combination: dropping a value drops good jobs
     assert without_values(overrides, jobs, set(range(4))) is None  # nothing left
+
+
+def test_a_grid_sweep_without_the_objective_keeps_its_completed_runs(tmp_path: Path) -> None:
+    """`optimized_metric` (eval/accuracy) absent from a perplexity-only task: a warning, not a failure,
+    under the basic sweeper; the completed summaries keep their metrics and the sweep exits 0."""
+    tiny = [a for a in TINY if not a.startswith("logger")]
+    cmd = [sys.executable, "-m", "lorabench", "-m", *tiny, "logger=none", "trainer.max_steps=2",
+           "extras.print_config=false", "task.generate=false", "seed=0,1", f"hydra.sweep.dir={tmp_path}"]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                          env={**os.environ, "HYDRA_FULL_ERROR": "0"}, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert proc.stdout.count("optimized_metric: 'eval/accuracy' is not in the run's summary") == 2
+    for d in ("0_lora_s0", "1_lora_s1"):
+        s = json.loads((tmp_path / d / "summary.json").read_text())
+        assert s["status"] == "completed" and "eval/loss" in s and "eval/accuracy" not in s

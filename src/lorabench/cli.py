@@ -70,16 +70,22 @@ def print_config_tree(cfg: DictConfig) -> None:
     Console().print(tree)
 
 
+def ranking_sweeper() -> bool:
+    """Whether this multirun's sweeper ranks the jobs' return values (optuna), unlike the basic one."""
+    return is_multirun() and not str(HydraConfig.get().sweeper.get("_target_", "")).endswith("BasicSweeper")
+
+
 def optimized_value(cfg: DictConfig, summary: dict[str, Any]) -> Optional[float]:
     """The summary's `optimized_metric`, returned to Hydra sweepers. A key the run did not
-    produce stops a sweep with one line (a sweeper cannot rank None); a single run just logs it."""
+    produce is one line to a ranking sweeper (it cannot rank None; the completed run stays
+    completed) and a warning elsewhere: a grid sweep has nothing to rank."""
     key = cfg.get("optimized_metric")
     if key is None:
         return None
     if key in summary:
         return float(summary[key])
     message = f"optimized_metric: '{key}' is not in the run's summary (e.g. {sorted(k for k in summary if k.startswith('eval/'))})"
-    if is_multirun():
+    if ranking_sweeper():
         raise ConfigError(message)
     log.warning(message)
     return None
@@ -147,9 +153,6 @@ def run_job(cfg: DictConfig) -> Optional[float]:
         if cfg.extras.print_config:
             print_config_tree(cfg)
         summary = job.run(cfg)
-        if "rank" in summary:  # a torchrun rank other than 0: rank 0 reports the run
-            return None
-        value = optimized_value(cfg, summary)
     except ConfigError as e:
         if not multirun:
             print(f"lorabench: error: {e}", file=sys.stderr)
@@ -169,6 +172,9 @@ def run_job(cfg: DictConfig) -> Optional[float]:
         if not multirun:
             raise
         return job_failed(cfg, f"{type(e).__name__}: {e}", e)
+    if "rank" in summary:  # a torchrun rank other than 0: rank 0 reports the run
+        return None
+    value = optimized_value(cfg, summary)  # outside the try: a missing objective never rewrites a completed run
     if summary.get("already_completed"):
         print(f"lorabench: {cfg.run_dir} holds a completed run; not training it again "
               "(trainer.overwrite=true starts afresh)", file=sys.stderr)
@@ -188,7 +194,7 @@ def job_failed(cfg: DictConfig, reason: str, error: Exception) -> None:
     """Record one failed multirun job and print its line; re-raise for ranking sweepers."""
     record_failed(cfg, reason)
     print(f"lorabench: error: job {HydraConfig.get().job.num} failed (run dir {cfg.run_dir}): {reason}", file=sys.stderr)
-    if not str(HydraConfig.get().sweeper.get("_target_", "")).endswith("BasicSweeper"):
+    if ranking_sweeper():
         raise error
     return None
 
