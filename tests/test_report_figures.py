@@ -104,13 +104,16 @@ def test_c_qalora_bits_series_reference_and_size(tmp_path: Path) -> None:
     assert list(ax2.lines[0].get_ydata()) == pytest.approx([4.0, 2.0])
     assert drawn.data["size_16bit_mb"]["size_mb"].iloc[0] == pytest.approx(16.0)
     assert ax2.lines[-1].get_ydata()[0] == pytest.approx(16.0)
+    four = rs.runs[rs.runs["strategy.merge_bits"] == 4]  # one width: no bits axis
+    with pytest.raises(Skip, match="INT-N merges at 4 bits only"):
+        figures.qalora_bits("qt1", four, rs)
 
 
 def test_d_relora_perplexity_lr_and_merges(tmp_path: Path) -> None:
     sweep = tmp_path / "rt2"
     for cell, strategy, reset in (("full", "full", None), ("relora", "relora", 2)):
         for seed in (0, 1):
-            hist = [{"step": k, "eval/perplexity": (10.0 if cell == "full" else 20.0) / (k + 1) + seed} for k in (0, 2, 4, 6)]
+            hist = [{"step": k, "eval/perplexity": (10.0 if cell == "full" else 20.0) / (k + 1) + seed} for k in (0, 2, 4, 6, 8)]
             hist += [{"step": k, "train/lr": 0.1 * (k % 2 + 1)} for k in range(1, 7)]
             if reset:
                 hist += [{"step": k, "relora/merges": float(k // 2)} for k in (2, 4, 6)]
@@ -121,9 +124,9 @@ def test_d_relora_perplexity_lr_and_merges(tmp_path: Path) -> None:
     drawn = curves.relora_perplexity("rt2", rs.runs, rs)
     ppl = drawn.data["perplexity"]
     rel = ppl[ppl["label"] == "relora"]
-    assert rel["x"].tolist() == [0, 2, 4, 6]
-    assert rel["mean"].tolist() == pytest.approx([20.5, 20 / 3 + 0.5, 4.5, 20 / 7 + 0.5])
-    assert rel["std"].tolist() == pytest.approx([statistics.stdev([0, 1])] * 4)
+    assert rel["x"].tolist() == [0, 2, 4, 6, 8]
+    assert rel["mean"].tolist() == pytest.approx([20.5, 20 / 3 + 0.5, 4.5, 20 / 7 + 0.5, 20 / 9 + 0.5])
+    assert rel["std"].tolist() == pytest.approx([statistics.stdev([0, 1])] * 5)
     assert drawn.data["merges"].to_dict("list") == {"label": ["relora"] * 3, "step": [2, 4, 6]}
     lr = drawn.data["lr"]
     assert lr[lr["label"] == "full"]["train/lr"].tolist() == pytest.approx([0.2, 0.1, 0.2, 0.1, 0.2, 0.1])
@@ -131,6 +134,9 @@ def test_d_relora_perplexity_lr_and_merges(tmp_path: Path) -> None:
     line = next(ln for ln in top.lines if ln.get_label() == "relora (n=2)")
     assert list(line.get_ydata()) == pytest.approx(rel["mean"].tolist())
     assert sorted(ln.get_xdata()[0] for ln in bottom.lines if ln.get_linestyle() == ":") == [2, 4, 6]
+    rs.history_of = lambda rid, read=rs.history_of: read(rid).query("step != 8")  # 4 evaluations: no curve
+    with pytest.raises(Skip, match="eval/perplexity was logged at fewer than 5 steps"):
+        curves.relora_perplexity("rt2", rs.runs, rs)
 
 
 def test_e_accuracy_and_memory_vs_rank(tmp_path: Path) -> None:

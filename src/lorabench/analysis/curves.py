@@ -13,6 +13,7 @@ from lorabench.analysis.collect import RunSet
 from lorabench.analysis.style import Drawn, Skip, caption, plain_log, styles
 
 MAX_CURVES = 12  # more configurations than this on one axis are unreadable
+MIN_EVALS = 5  # evaluations per run that make a perplexity curve (before, after and a mid-run one do not)
 
 
 def configurations(study: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, list[str]]]:
@@ -55,8 +56,8 @@ def relora_perplexity(name: str, study: pd.DataFrame, runs: RunSet) -> Drawn:
         raise Skip("no ReLoRA runs")
     agg, members = configurations(study)
     hist = runs.history(study["run"].tolist(), ["eval/perplexity", "train/lr", "relora/merges"])
-    if "eval/perplexity" not in hist.columns or hist.groupby("run")["eval/perplexity"].count().max() < 3:
-        raise Skip("eval/perplexity was logged at fewer than 3 steps (set trainer.eval_every)")
+    if "eval/perplexity" not in hist.columns or hist.groupby("run")["eval/perplexity"].count().max() < MIN_EVALS:
+        raise Skip(f"eval/perplexity was logged at fewer than {MIN_EVALS} steps (a curve needs trainer.eval_every)")
     if "train/lr" not in hist.columns:
         raise Skip("no train/lr in the runs' history")
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [2.2, 1]})

@@ -124,6 +124,8 @@ def qalora_bits(name: str, study: pd.DataFrame, runs: RunSet) -> Drawn:
                          "accuracy": r[f"{acc}:mean"] * 100, "accuracy_std": r[f"{acc}:std"] * 100,
                          "size_mb": r[f"{size}:mean"] * MB})
     d = pd.DataFrame(rows).sort_values(["series", "bits"], ascending=[True, False]).reset_index(drop=True)
+    if d["bits"].nunique() < 2:
+        raise Skip(f"INT-N merges at {d['bits'].iloc[0]} bits only (a bits axis needs two widths: experiment=qalora_table1)")
     ref = study[study["strategy.merge"] == "16bit"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax2 = ax.twinx()
