@@ -111,7 +111,7 @@ def labels(df: pd.DataFrame, cols: list[str]) -> pd.Series:
     """A readable name per run's configuration: the launch overrides that vary in the study
     (except the seed), else the varying config values; made unique with config values."""
     ov = df["overrides"].map(launch_overrides) if "overrides" in df.columns else pd.Series([{}] * len(df))
-    keys = sorted({k for d in ov for k in d if k != SEED})
+    keys = sorted({k for d in ov for k in d if k != SEED}, key=lambda k: (k != "strategy", k))  # the strategy first
     varying = [k for k in keys if len({d.get(k) for d in ov}) > 1]
     if varying:
         lab = ov.map(lambda d: " ".join(short(k, d.get(k, "")) for k in varying))
