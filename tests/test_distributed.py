@@ -118,12 +118,12 @@ def test_strategy_that_cannot_run_distributed_is_one_line(tmp_path: Path, monkey
     from lorabench.strategies.lora import LoRA
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; refused before any process group is joined
-    monkeypatch.setattr(LoRA, "supports_distributed", False, raising=False)
+    monkeypatch.setattr(LoRA, "supports_distributed", False)
     with pytest.raises(ConfigError) as e:
         run_tiny(tmp_path, "strategy=lora")
     assert str(e.value) == ("strategy.name: strategy 'lora' cannot run distributed; run it as one process "
                             "(without torchrun), or pick another strategy")
-    monkeypatch.setattr(LoRA, "supports_distributed", True, raising=False)
+    monkeypatch.setattr(LoRA, "supports_distributed", True)
     with pytest.raises(ConfigError, match=r"^trainer.batch_size: 7 sequences do not split over 2 processes; "
                                           r"use a multiple of 2 \(it is the global batch of a step\)$"):
         run_tiny(tmp_path, "strategy=lora", "trainer.batch_size=7")

@@ -52,6 +52,9 @@ class Strategy(ABC):
     # Config values under which `merged_for_eval` returns a model equal to the unmerged one
     # (up to the base's float rounding); empty when the strategy has no such merge.
     lossless_merge: ClassVar[dict[str, Any]] = {}
+    # Whether one run may train under torchrun/DDP (every built-in strategy can: DDP covers the
+    # trainable set of each phase and all ranks apply the same hooks); False is refused in one line.
+    supports_distributed: ClassVar[bool] = True
 
     def __init__(self, cfg: StrategyConfig, seed: int = 0) -> None:
         self.cfg = cfg

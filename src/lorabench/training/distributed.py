@@ -109,7 +109,7 @@ def check_batch(batch_size: int, world: int) -> None:
 
 def check_strategy(strategy: Any, world: int) -> None:
     """A strategy that declares `supports_distributed = False` is refused under torchrun (one line)."""
-    if world > 1 and not getattr(strategy, "supports_distributed", True):
+    if world > 1 and not strategy.supports_distributed:
         raise ConfigError(
             f"strategy.name: strategy '{strategy.cfg.name}' cannot run distributed; "
             f"run it as one process (without torchrun), or pick another strategy"
