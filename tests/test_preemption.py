@@ -248,3 +248,38 @@ def test_sigterm_to_a_joblib_job_records_it_preempted_and_the_others_run(tmp_pat
     summary = json.loads((sweep / "0_lora_s0" / "summary.json").read_text())
     assert {k: summary[k] for k in FINAL_KEYS} == {k: straight[k] for k in FINAL_KEYS}
     assert comparable(sweep / "0_lora_s0") == comparable(tmp_path / "straight")
+
+
+@pytest.mark.slow
+def test_a_sigkilled_joblib_worker_costs_its_own_job_not_the_sweep(tmp_path: Path) -> None:
+    """Job 1's worker is SIGKILLed mid step 6 (checkpoint at step 4), and again when it resumes (an OOM
+    that recurs): loky breaks its pool, the launcher relaunches the unfinished jobs once, job 0 ends
+    as an uninterrupted run, job 1 is listed missing/killed, exit 1, no traceback; a rerun resumes it."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SIGNAL_HOOK)
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONPATH": f"{hook}{os.pathsep}{REPO}"}
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "lorabench", "-m", *TINY, *RESUMABLE, "seed=0,1", "extras.print_config=false",
+           "hydra/launcher=joblib", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, timeout=600,
+                          env={**env, "LORABENCH_TEST_SIGNALS": "1_:5:SIGKILL"})
+    out = proc.stdout
+    assert proc.returncode == 1, out[-3000:]
+    assert "Traceback" not in out
+    assert "lorabench: a joblib worker died (" in out and "relaunching the unfinished jobs once" in out
+    assert "lorabench: a joblib worker died again (" in out
+    assert list(pd.read_csv(sweep / "sweep_summary.csv")["status"]) == ["completed", "missing/killed"]
+    straight = run_tiny(tmp_path / "straight", *RESUMABLE, "seed=0")
+    summary = json.loads((sweep / "0_lora_s0" / "summary.json").read_text())
+    assert {k: summary[k] for k in FINAL_KEYS} == {k: straight[k] for k in FINAL_KEYS}
+    assert comparable(sweep / "0_lora_s0") == comparable(tmp_path / "straight")
+    assert [r["step"] for r in rows(sweep / "1_lora_s1") if "train/loss" in r] == [1, 2, 3, 4, 5]
+
+    again = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, timeout=600,
+                           env=env)
+    assert again.returncode == 0, again.stdout[-3000:]
+    straight1 = run_tiny(tmp_path / "straight1", *RESUMABLE, "seed=1")
+    summary1 = json.loads((sweep / "1_lora_s1" / "summary.json").read_text())
+    assert {k: summary1[k] for k in FINAL_KEYS} == {k: straight1[k] for k in FINAL_KEYS}
+    assert comparable(sweep / "1_lora_s1") == comparable(tmp_path / "straight1")
