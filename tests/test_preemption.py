@@ -155,15 +155,31 @@ SIGNAL_HOOK = textwrap.dedent('''
 
         Trainer.train_step = train_step
 ''')
-SWEEP = [*TINY, *RESUMABLE, "seed=0,1", "extras.print_config=false", "hydra/launcher=submitit_local"]
+SWEEP = [*TINY, *RESUMABLE, "seed=0,1", "extras.print_config=false"]
 
 
-def run_sweep(sweep_dir: Path, hook_dir: Path, signals: str = "") -> subprocess.CompletedProcess:
+def signal_hook(tmp_path: Path) -> Path:
+    """A dir whose sitecustomize.py delivers LORABENCH_TEST_SIGNALS inside the job processes."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SIGNAL_HOOK)
+    return hook
+
+
+def run_sweep(sweep_dir: Path, hook_dir: Path, signals: str = "", launcher: str = "submitit_local") -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONPATH": f"{hook_dir}{os.pathsep}{REPO}",
            "LORABENCH_TEST_SIGNALS": signals}
-    cmd = [sys.executable, "-m", "lorabench", "-m", *SWEEP, f"hydra.sweep.dir={sweep_dir}"]
+    cmd = [sys.executable, "-m", "lorabench", "-m", *SWEEP, f"hydra/launcher={launcher}", f"hydra.sweep.dir={sweep_dir}"]
     return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env,
                           timeout=900)
+
+
+def assert_uninterrupted(job: Path, tmp_path: Path, seed: int) -> None:
+    """`job` ended with the final numbers and metrics.jsonl of the same job run straight through."""
+    straight = run_tiny(tmp_path / f"straight{seed}", *RESUMABLE, f"seed={seed}")
+    summary = json.loads((job / "summary.json").read_text())
+    assert {k: summary[k] for k in FINAL_KEYS} == {k: straight[k] for k in FINAL_KEYS}
+    assert comparable(job) == comparable(tmp_path / f"straight{seed}")
 
 
 @pytest.mark.slow
@@ -171,9 +187,7 @@ def test_submitit_sweep_preempted_and_killed_jobs_end_as_uninterrupted_runs(tmp_
     """Job 0 gets submitit's preemption signal (SIGUSR2) mid step 6: it checkpoints at step 6 and
     submitit requeues it in the same sweep. Job 1 is SIGKILLed mid step 6 (checkpoint at step 4):
     the sweep lists it as missing/killed and exits 1; the rerun skips job 0 and resumes job 1."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(SIGNAL_HOOK)
+    hook = signal_hook(tmp_path)
     sweep = tmp_path / "sweep"
     first = run_sweep(sweep, hook, signals="0_:5:SIGUSR2,1_:5:SIGKILL")
     out = first.stdout
@@ -198,18 +212,12 @@ def test_submitit_sweep_preempted_and_killed_jobs_end_as_uninterrupted_runs(tmp_
     assert (sweep / "0_lora_s0" / "metrics.jsonl").read_bytes() == job0  # skipped: nothing redone
     assert list(pd.read_csv(sweep / "sweep_summary.csv")["status"]) == ["completed", "completed"]
     for seed in (0, 1):  # the same jobs, uninterrupted
-        straight = run_tiny(tmp_path / f"straight{seed}", *RESUMABLE, f"seed={seed}")
-        job = sweep / f"{seed}_lora_s{seed}"
-        summary = json.loads((job / "summary.json").read_text())
-        assert {k: summary[k] for k in FINAL_KEYS} == {k: straight[k] for k in FINAL_KEYS}
-        assert comparable(job) == comparable(tmp_path / f"straight{seed}")
+        assert_uninterrupted(sweep / f"{seed}_lora_s{seed}", tmp_path, seed)
 
 
 @pytest.mark.slow
 def test_sigterm_to_a_single_run_is_one_line_exit_143_and_the_rerun_completes(tmp_path: Path) -> None:
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(SIGNAL_HOOK)
+    hook = signal_hook(tmp_path)
     run_dir = tmp_path / "run"
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONPATH": f"{hook}{os.pathsep}{REPO}"}
     cmd = [sys.executable, "-m", "lorabench", *TINY, *RESUMABLE, "extras.print_config=false", f"hydra.run.dir={run_dir}"]
@@ -228,26 +236,16 @@ def test_sigterm_to_a_single_run_is_one_line_exit_143_and_the_rerun_completes(tm
 
 @pytest.mark.slow
 def test_sigterm_to_a_joblib_job_records_it_preempted_and_the_others_run(tmp_path: Path) -> None:
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(SIGNAL_HOOK)
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONPATH": f"{hook}{os.pathsep}{REPO}"}
+    hook = signal_hook(tmp_path)
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "lorabench", "-m", *TINY, *RESUMABLE, "seed=0,1", "extras.print_config=false",
-           "hydra/launcher=joblib", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, timeout=600,
-                          env={**env, "LORABENCH_TEST_SIGNALS": "0_:5:SIGTERM"})
+    proc = run_sweep(sweep, hook, signals="0_:5:SIGTERM", launcher="joblib")
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert f"lorabench: job 0 stopped by SIGTERM at step 6; checkpoint at step 6 in {sweep / '0_lora_s0'}; " \
            "rerun the sweep to resume it" in proc.stdout
     assert list(pd.read_csv(sweep / "sweep_summary.csv")["status"]) == ["preempted", "completed"]
-    again = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, timeout=600,
-                           env=env)
+    again = run_sweep(sweep, hook, launcher="joblib")
     assert again.returncode == 0, again.stdout[-3000:]
-    straight = run_tiny(tmp_path / "straight", *RESUMABLE, "seed=0")
-    summary = json.loads((sweep / "0_lora_s0" / "summary.json").read_text())
-    assert {k: summary[k] for k in FINAL_KEYS} == {k: straight[k] for k in FINAL_KEYS}
-    assert comparable(sweep / "0_lora_s0") == comparable(tmp_path / "straight")
+    assert_uninterrupted(sweep / "0_lora_s0", tmp_path, 0)
 
 
 @pytest.mark.slow
@@ -255,31 +253,18 @@ def test_a_sigkilled_joblib_worker_costs_its_own_job_not_the_sweep(tmp_path: Pat
     """Job 1's worker is SIGKILLed mid step 6 (checkpoint at step 4), and again when it resumes (an OOM
     that recurs): loky breaks its pool, the launcher relaunches the unfinished jobs once, job 0 ends
     as an uninterrupted run, job 1 is listed missing/killed, exit 1, no traceback; a rerun resumes it."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(SIGNAL_HOOK)
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONPATH": f"{hook}{os.pathsep}{REPO}"}
+    hook = signal_hook(tmp_path)
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "lorabench", "-m", *TINY, *RESUMABLE, "seed=0,1", "extras.print_config=false",
-           "hydra/launcher=joblib", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, timeout=600,
-                          env={**env, "LORABENCH_TEST_SIGNALS": "1_:5:SIGKILL"})
+    proc = run_sweep(sweep, hook, signals="1_:5:SIGKILL", launcher="joblib")
     out = proc.stdout
     assert proc.returncode == 1, out[-3000:]
     assert "Traceback" not in out
     assert "lorabench: a joblib worker died (" in out and "relaunching the unfinished jobs once" in out
     assert "lorabench: a joblib worker died again (" in out
     assert list(pd.read_csv(sweep / "sweep_summary.csv")["status"]) == ["completed", "missing/killed"]
-    straight = run_tiny(tmp_path / "straight", *RESUMABLE, "seed=0")
-    summary = json.loads((sweep / "0_lora_s0" / "summary.json").read_text())
-    assert {k: summary[k] for k in FINAL_KEYS} == {k: straight[k] for k in FINAL_KEYS}
-    assert comparable(sweep / "0_lora_s0") == comparable(tmp_path / "straight")
+    assert_uninterrupted(sweep / "0_lora_s0", tmp_path, 0)
     assert [r["step"] for r in rows(sweep / "1_lora_s1") if "train/loss" in r] == [1, 2, 3, 4, 5]
 
-    again = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, timeout=600,
-                           env=env)
+    again = run_sweep(sweep, hook, launcher="joblib")
     assert again.returncode == 0, again.stdout[-3000:]
-    straight1 = run_tiny(tmp_path / "straight1", *RESUMABLE, "seed=1")
-    summary1 = json.loads((sweep / "1_lora_s1" / "summary.json").read_text())
-    assert {k: summary1[k] for k in FINAL_KEYS} == {k: straight1[k] for k in FINAL_KEYS}
-    assert comparable(sweep / "1_lora_s1") == comparable(tmp_path / "straight1")
+    assert_uninterrupted(sweep / "1_lora_s1", tmp_path, 1)
