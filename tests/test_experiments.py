@@ -22,7 +22,8 @@ from tests.helpers import CONF, compose_cfg
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 JOBS = {"compare": 21, "rank_sweep": 84, "lr_sweep": 75, "memory_scaling": 30, "qalora_table1": 21,
-        "relora_table2": 10, "relora_capacity": 15, "qlora_paper": 1}
+        "relora_table2": 10, "relora_capacity": 15, "qlora_paper": 1, "lora_vs_full": 15, "qlora_nf4": 12,
+        "qalora_table1_smollm2": 27}
 
 
 def sweep_jobs(name: str) -> list[list[str]]:
@@ -105,8 +106,48 @@ def test_memory_scaling_grows_the_backbone_without_pretraining() -> None:
     assert shapes == {(h, 1024, n) for h in (128, 256, 512) for n in (2, 4)}
 
 
+def cells(name: str) -> dict[str, DictConfig]:
+    """The seed-0 job of each cell of a cell sweep, by cell name."""
+    out = {}
+    for job in sweep_jobs(name):
+        d = dict(o.split("=", 1) for o in job)
+        if d.get("seed", "0") == "0":
+            cell = next(v for k, v in d.items() if k.startswith("+experiment/"))
+            out[cell] = job_cfg(name, job)
+    return out
+
+
+def test_lora_vs_full_is_full_against_lora_ranks_at_fixed_alpha() -> None:
+    c = cells("lora_vs_full")
+    assert c["full"].strategy.name == "full" and "rank" not in c["full"].strategy
+    assert {k: (v.strategy.name, v.strategy.rank, v.strategy.alpha) for k, v in c.items() if k != "full"} == {
+        f"lora_r{r}": ("lora", r, 16.0) for r in (1, 4, 16, 64)}
+    assert {v.model.source for v in c.values()} == {"tiny"}  # the embedded default (model.pretrain_seed=1: a second backbone)
+
+
+def test_qlora_nf4_cells_differ_only_in_the_base_format() -> None:
+    c = cells("qlora_nf4")
+    assert c["lora"].strategy.name == "lora"
+    assert {k: (v.strategy.quant_type, v.strategy.double_quant) for k, v in c.items() if k != "lora"} == {
+        "nf4_dq": ("nf4", True), "nf4": ("nf4", False), "fp4": ("fp4", True)}
+    for v in c.values():  # SmolLM2, one lr, one rank for every cell
+        assert (v.model.source, v.strategy.lr, v.strategy.rank, v.trainer.max_steps) == ("gguf", 1e-3, 8, 60)
+
+
+def test_qalora_table1_smollm2_pairs_each_qalora_cell_with_its_qlora_baseline() -> None:
+    c = cells("qalora_table1_smollm2")
+    for bits in (3, 2):
+        for q, suffix in (("rtn", ""), ("hqq", "_hqq")):
+            qa, ql = c[f"qalora_int{bits}{suffix}"].strategy, c[f"qlora_intn{bits}{suffix}"].strategy
+            assert (qa.name, qa.bits, qa.group_size, qa.quantizer, qa.merge) == ("qalora", bits, 32, q, "zeros")
+            assert (ql.name, ql.merge_bits, ql.merge_group_size, ql.merge_quantizer, ql.merge) == ("qlora", bits, 32, q, "intn")
+    assert c["qlora_16bit"].strategy.merge == "16bit"
+    assert {v.model.source for v in c.values()} == {"gguf"}
+
+
 def test_experiment_files_comment_every_key() -> None:
-    for name in ("compare", "rank_sweep", "lr_sweep", "memory_scaling"):
+    for name in ("compare", "rank_sweep", "lr_sweep", "memory_scaling", "lora_vs_full", "qlora_nf4",
+                 "qalora_table1_smollm2"):
         body = [ln for ln in (CONF / "experiment" / f"{name}.yaml").read_text().splitlines()
                 if ln.strip() and not ln.lstrip().startswith("#")]
         leaves = [ln for ln in body if not ln.rstrip().endswith(":")]

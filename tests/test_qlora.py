@@ -243,3 +243,31 @@ def test_quantize_modules_matching_nothing_is_one_line() -> None:
     with pytest.raises(ConfigError, match=r"^strategy\.quantize_modules: \['qproj'\] matched no linear layer") as e:
         build("qlora", quantize_modules=["qproj"])
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("quantizer", ["rtn", "hqq"])
+def test_merge_intn_uses_the_named_quantizer(tmp_path, quantizer: str) -> None:
+    """merge=intn quantizes the exact 16-bit merge with `merge_quantizer`: the same codes as that
+    quantizer applied by hand to the merged copy (QLoRA → INT-N with QA-LoRA's own base quantizer)."""
+    from lorabench.quant.intn import IntNLinear
+
+    strategy, model = build("qlora", merge="intn", merge_bits=3, merge_quantizer=quantizer)
+    torch.manual_seed(0)
+    for _, layer in model.named_modules():
+        if isinstance(layer, LoRALinear):
+            nn.init.normal_(layer.lora_B.weight, std=0.05)  # a non-zero update, so the merge matters
+    merged = strategy.merged_for_eval(model, tmp_path)
+    by_hand = strategy.merge_to_16bit(model)
+    quantize_backbone(by_hand, BaseFormat("intn", "all-linear", {"bits": 3, "group_size": 32, "quantizer": quantizer}))
+    other = strategy.merge_to_16bit(model)
+    quantize_backbone(other, BaseFormat("intn", "all-linear", {"bits": 3, "group_size": 32,
+                                                                "quantizer": "hqq" if quantizer == "rtn" else "rtn"}))
+    layers = [(n, m) for n, m in merged.named_modules() if isinstance(m, IntNLinear)]
+    assert len(layers) == 7 * 2  # every block linear of the tiny test model's 2 layers
+    differs = 0
+    for n, m in layers:
+        assert torch.equal(m.dequantize(), by_hand.get_submodule(n).dequantize())
+        differs += not torch.equal(m.dequantize(), other.get_submodule(n).dequantize())
+    assert differs == len(layers)  # the other quantizer gives other weights in every layer
+    with pytest.raises(ConfigError, match=r"^strategy\.merge_quantizer: expected one of \['hqq', 'rtn'\], got 'gptq'$"):
+        build("qlora", merge="intn", merge_quantizer="gptq")

@@ -164,7 +164,8 @@ def qalora_bits(name: str, study: pd.DataFrame, runs: RunSet) -> Drawn:
 
 
 def accuracy_memory_vs_rank(name: str, study: pd.DataFrame, runs: RunSet) -> Drawn:
-    """e: exact match and measured memory vs adapter rank, one line per strategy."""
+    """e: exact match and measured memory vs adapter rank, one line per strategy; a strategy
+    without a rank (full fine-tuning) is the reference: a horizontal line with its ± std band."""
     need(study, ACC, MEM)
     if "strategy.rank" not in study.columns:
         raise Skip("no run has a strategy.rank")
@@ -174,19 +175,29 @@ def accuracy_memory_vs_rank(name: str, study: pd.DataFrame, runs: RunSet) -> Dra
     d = agg[["label", "strategy", "strategy.rank", "seeds"]].rename(columns={"strategy.rank": "rank"}).copy()
     d["accuracy"], d["accuracy_std"] = agg[f"{ACC}:mean"] * 100, agg[f"{ACC}:std"] * 100
     d["memory_mb"], d["memory_std"] = agg[f"{MEM}:mean"] * MB, agg[f"{MEM}:std"] * MB
+    ref = d[d["rank"].isna()].drop(columns="rank").reset_index(drop=True)
     d = d.dropna(subset=["rank"]).astype({"rank": int}).sort_values(["strategy", "rank"]).reset_index(drop=True)
+    if d.empty or d.groupby("strategy")["rank"].nunique().max() < 2:
+        raise Skip("strategy.rank does not vary within any strategy")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for s, g in d.groupby("strategy", sort=True):
         c, n = strategy_colour(s), g["seeds"].min()
         axes[0].errorbar(g["rank"], g["accuracy"], yerr=g["accuracy_std"], fmt="o-", color=c, capsize=3, label=f"{s} (n={n})")
         axes[1].errorbar(g["rank"], g["memory_mb"], yerr=g["memory_std"], fmt="o-", color=c, capsize=3, label=f"{s} (n={n})")
+    for _, r in ref.iterrows():  # no rank: the same value at every r
+        c, lab = strategy_colour(r["strategy"]), f"{r['label']} (n={r['seeds']})"
+        for ax, col in zip(axes, ("accuracy", "memory")):
+            mean, std = r[col if col == "accuracy" else "memory_mb"], r[f"{col}_std"]
+            ax.axhline(mean, color=c, ls="--", lw=1.2, label=lab)
+            if not pd.isna(std):
+                ax.axhspan(mean - std, mean + std, color=c, alpha=0.15, lw=0)
     for ax, m in zip(axes, (ACC, MEM)):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("adapter rank r (α fixed)")
         ax.set_ylabel(METRICS[m].label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return Drawn(fig, {"lines": d}, caption("Exact match and measured memory vs rank", name, study, agg))
+    return Drawn(fig, {"lines": d, "reference": ref}, caption("Exact match and measured memory vs rank", name, study, agg))
 
 
 def memory_scaling(name: str, study: pd.DataFrame, runs: RunSet) -> Drawn:

@@ -13,6 +13,7 @@ from lorabench.adapters.lora import inject_lora, lora_layers, merge_and_unload
 from lorabench.adapters.peft_format import write_peft_adapter
 from lorabench.errors import ConfigError
 from lorabench.quant import BaseFormat, quantize_backbone
+from lorabench.quant.code_quantizers import CODE_QUANTIZERS
 from lorabench.quant.intn import SUPPORTED_BITS
 from lorabench.strategies.base import Strategy, StrategyConfig, check_rank_and_dropout
 from lorabench.strategies.registry import register
@@ -31,6 +32,7 @@ class LoRAConfig(StrategyConfig):
     merge: str = "none"  # none | 16bit | intn: also score the merged model (intn: merged, then RTN INT-N)
     merge_bits: int = 4  # merge=intn: bits of the post-merge RTN quantization
     merge_group_size: int = 32  # merge=intn: group size along in_features of that quantization
+    merge_quantizer: str = "rtn"  # merge=intn: how that quantization picks codes: rtn | hqq (as qalora's strategy.quantizer)
 
     merge_choices = ("none", "16bit", "intn")
 
@@ -43,6 +45,9 @@ class LoRAConfig(StrategyConfig):
                 raise ConfigError(f"strategy.merge_bits: expected one of {list(SUPPORTED_BITS)}, got {self.merge_bits}")
             if self.merge_group_size <= 0:
                 raise ConfigError(f"strategy.merge_group_size: expected a positive group size, got {self.merge_group_size}")
+            if self.merge_quantizer not in CODE_QUANTIZERS.names():
+                raise ConfigError(f"strategy.merge_quantizer: expected one of {sorted(CODE_QUANTIZERS.names())}, "
+                                  f"got '{self.merge_quantizer}'")
 
 
 @register
@@ -64,8 +69,8 @@ class LoRA(Strategy):
         return merge_and_unload(copy.deepcopy(model))
 
     def merged_for_eval(self, model: nn.Module, out_dir: Path) -> Optional[nn.Module]:
-        """merge=16bit: the exact merged copy; merge=intn: that copy, RTN-quantized to INT-N
-        with the same quantizer QA-LoRA uses (the paper's "QLoRA w/ GPTQ" baseline, RTN here)."""
+        """merge=16bit: the exact merged copy; merge=intn: that copy, quantized to INT-N with
+        QA-LoRA's own quantizers (`merge_quantizer`: RTN or HQQ), the paper's "QLoRA w/ GPTQ" baseline."""
         if self.cfg.merge == "none":
             return None
         merged = self.merge_to_16bit(model)
@@ -73,7 +78,8 @@ class LoRA(Strategy):
             fmt = BaseFormat(
                 "intn",
                 self.cfg.quantize_modules,
-                {"bits": self.cfg.merge_bits, "group_size": self.cfg.merge_group_size},
+                {"bits": self.cfg.merge_bits, "group_size": self.cfg.merge_group_size,
+                 "quantizer": self.cfg.merge_quantizer},
             )
             quantize_backbone(merged, fmt)
         return merged
