@@ -43,6 +43,7 @@ METRICS: dict[str, Metric] = {
     "eval/loss": Metric("eval loss", 1.0, "{:.3f}", False),
     "eval/loss_merged": Metric("eval loss after merge", 1.0, "{:.3f}", False),
     "eval/perplexity": Metric("eval perplexity", 1.0, "{:.2f}", False),
+    "params/trainable": Metric("trainable parameters", 1.0, "{:,.0f}", False),
     "memory/measured_bytes": Metric("measured memory (MB)", MB, "{:.2f}", False),
     "memory/formula_bytes": Metric("formula memory (MB)", MB, "{:.2f}", False),
     "memory/activation_bytes": Metric("activations (MB)", MB, "{:.1f}", False),
