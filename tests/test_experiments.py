@@ -22,7 +22,7 @@ from tests.helpers import CONF, compose_cfg
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 JOBS = {"compare": 21, "rank_sweep": 84, "lr_sweep": 75, "memory_scaling": 30, "qalora_table1": 21,
-        "relora_table2": 10, "relora_capacity": 15, "qlora_paper": 1, "lora_vs_full": 15, "qlora_nf4": 12,
+        "relora_table2": 10, "relora_capacity": 15, "qlora_paper": 1, "lora_vs_full": 18, "qlora_nf4": 12,
         "qalora_table1_smollm2": 27}
 
 
@@ -121,7 +121,9 @@ def test_lora_vs_full_is_full_against_lora_ranks_at_fixed_alpha() -> None:
     c = cells("lora_vs_full")
     assert c["full"].strategy.name == "full" and "rank" not in c["full"].strategy
     assert {k: (v.strategy.name, v.strategy.rank, v.strategy.alpha) for k, v in c.items() if k != "full"} == {
-        f"lora_r{r}": ("lora", r, 16.0) for r in (1, 4, 16, 64)}
+        **{f"lora_r{r}": ("lora", r, 16.0) for r in (1, 4, 16, 64)}, "lora_r16_embed": ("relora", 16, 16.0)}
+    embed = c["lora_r16_embed"].strategy  # ReLoRA's trainable set, one cycle: no restart within the run
+    assert embed.reset_every == c["lora_r16_embed"].trainer.max_steps and embed.warm_start_steps == 0
     assert {v.model.source for v in c.values()} == {"tiny"}  # the embedded default (model.pretrain_seed=1: a second backbone)
 
 
