@@ -166,7 +166,7 @@ def test_e_full_fine_tuning_is_the_reference_band(tmp_path: Path) -> None:
     """A strategy without a rank (full) is drawn as a horizontal line at its mean with a ± std band."""
     sweep = tmp_path / "lvf"
     for cell, s, rank, accs in (("full", "full", None, (0.50, 0.40)), ("lora_r1", "lora", 1, (0.1, 0.2)),
-                                ("lora_r4", "lora", 4, (0.3, 0.3))):
+                                ("lora_r4", "lora", 4, (0.3, 0.3)), ("lora_r4_embed", "relora", 4, (0.6, 0.6))):
         for seed, acc in enumerate(accs):
             make_run(sweep, f"{cell}_s{seed}", strategy=s, seed=seed, config={"strategy.rank": rank},
                      summary={"eval/accuracy": acc, "memory/measured_bytes": 40e6 if rank is None else rank * 1e6},
@@ -176,8 +176,10 @@ def test_e_full_fine_tuning_is_the_reference_band(tmp_path: Path) -> None:
     ref = drawn.data["reference"]
     assert ref["strategy"].tolist() == ["full"] and ref["accuracy"].tolist() == pytest.approx([45.0])
     assert ref["accuracy_std"].tolist() == pytest.approx([100 * statistics.stdev([0.5, 0.4])])
-    assert drawn.data["lines"]["accuracy"].tolist() == pytest.approx([15.0, 30.0])
+    assert drawn.data["lines"]["accuracy"].tolist() == pytest.approx([15.0, 30.0, 60.0])
     acc_ax, mem_ax = drawn.fig.axes
+    ys = {c.get_label(): list(c.lines[0].get_ydata()) for c in acc_ax.containers}
+    assert ys == {"lora (n=2)": pytest.approx([15.0, 30.0]), "lora_r4_embed (n=2)": pytest.approx([60.0])}  # one point: its cell's name
     line = next(ln for ln in acc_ax.lines if ln.get_label() == "full (n=2)")
     assert list(line.get_ydata()) == pytest.approx([45.0, 45.0])
     band = acc_ax.patches[0]  # axhspan: a rectangle from mean - std to mean + std

@@ -182,8 +182,9 @@ def accuracy_memory_vs_rank(name: str, study: pd.DataFrame, runs: RunSet) -> Dra
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for s, g in d.groupby("strategy", sort=True):
         c, n = strategy_colour(s), g["seeds"].min()
-        axes[0].errorbar(g["rank"], g["accuracy"], yerr=g["accuracy_std"], fmt="o-", color=c, capsize=3, label=f"{s} (n={n})")
-        axes[1].errorbar(g["rank"], g["memory_mb"], yerr=g["memory_std"], fmt="o-", color=c, capsize=3, label=f"{s} (n={n})")
+        name_ = s if len(g) > 1 else g["label"].iloc[0]  # a single point is named by its configuration
+        axes[0].errorbar(g["rank"], g["accuracy"], yerr=g["accuracy_std"], fmt="o-", color=c, capsize=3, label=f"{name_} (n={n})")
+        axes[1].errorbar(g["rank"], g["memory_mb"], yerr=g["memory_std"], fmt="o-", color=c, capsize=3, label=f"{name_} (n={n})")
     for _, r in ref.iterrows():  # no rank: the same value at every r
         c, lab = strategy_colour(r["strategy"]), f"{r['label']} (n={r['seeds']})"
         for ax, col in zip(axes, ("accuracy", "memory")):
