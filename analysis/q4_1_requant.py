@@ -1,6 +1,6 @@
 """How close SmolLM2's Q4_1 weights are to each base format lorabench re-quantizes them into (issue 12).
 
-Run: python analysis/q4_1_requant.py            (~1–3 min on one CPU thread: RTN, HQQ and NF4 over 210 linears)
+Run: python analysis/q4_1_requant.py            (~2–4 min on one CPU thread: RTN, HQQ, NF4 and FP4 over 210 linears)
 
 SmolLM2-135M-Instruct arrives as Q4_1: every linear weight is stored in blocks of 32
 consecutive input features, each block as 4-bit codes q with an fp16 scale d and an fp16
@@ -11,7 +11,8 @@ sqrt(Σ‖Ŵ − W‖²) / sqrt(Σ‖W‖²), for:
 
 - RTN INT-N, g = 32 (GPTQ's grid: integer zero points, range widened to include 0), N = 4, 3, 2;
 - HQQ INT-N, g = 32 (fractional zero points, the `hqq` optimizer), N = 4, 3, 2;
-- NF4 (bitsandbytes, blocksize 64, double quant: QLoRA's base);
+- NF4 and FP4 (bitsandbytes, blocksize 64, with and without double quant: QLoRA's bases), and FP4
+  rounded to bitsandbytes' code table by hand, as an independent check of the library's FP4;
 - min–max affine INT4, g = 32, float scale and zero, computed here (Q4_1's own rule, as reference).
 
 It also counts the groups of 32 that hold at most 16 distinct values (a 4-bit grid).
@@ -51,10 +52,23 @@ def _as_linear(w: torch.Tensor) -> torch.nn.Linear:
     return lin
 
 
-def nf4_reconstruction(w: torch.Tensor) -> torch.Tensor:
+def bnb4_reconstruction(w: torch.Tensor, quant_type: str = "nf4", double_quant: bool = True) -> torch.Tensor:
     from lorabench.quant.bnb4bit import dequantized_weight, to_linear4bit
 
-    return dequantized_weight(to_linear4bit(_as_linear(w), "nf4", True, 64, torch.float32)).float()
+    return dequantized_weight(to_linear4bit(_as_linear(w), quant_type, double_quant, 64, torch.float32)).float()
+
+
+# bitsandbytes' FP4 code (E2M1 with its own bias), the 16 values its 4-bit indices stand for, as a
+# fraction of the block's absmax: written out here so the FP4 error is also computed without the library.
+FP4_CODE = torch.tensor([0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0]) / 12.0
+
+
+def fp4_by_hand(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
+    """FP4 with an fp32 absmax per block of 64, each weight rounded to the nearest code value (no library)."""
+    x = w.reshape(-1, blocksize)
+    absmax = x.abs().amax(-1, keepdim=True).clamp(min=1e-12)
+    idx = ((x / absmax).unsqueeze(-1) - FP4_CODE).abs().argmin(-1)
+    return (FP4_CODE[idx] * absmax).reshape(w.shape)
 
 
 def minmax_float_zero(w: torch.Tensor, bits: int = 4, g: int = 32) -> torch.Tensor:
@@ -86,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{sum(a for a, _ in on_grid):,} of {sum(b for _, b in on_grid):,}")
     methods = {f"RTN INT{b} g=32 (integer zeros)": (lambda w, b=b: intn_reconstruction(w, b, "rtn")) for b in (4, 3, 2)}
     methods |= {f"HQQ INT{b} g=32 (fractional zeros)": (lambda w, b=b: intn_reconstruction(w, b, "hqq")) for b in (4, 3, 2)}
-    methods["NF4 blocksize 64 + double quant (bitsandbytes)"] = nf4_reconstruction
+    methods["NF4 blocksize 64 + double quant (bitsandbytes)"] = bnb4_reconstruction
+    methods["NF4 blocksize 64 (bitsandbytes)"] = lambda w: bnb4_reconstruction(w, "nf4", False)
+    methods["FP4 blocksize 64 + double quant (bitsandbytes)"] = lambda w: bnb4_reconstruction(w, "fp4", True)
+    methods["FP4 blocksize 64 (bitsandbytes)"] = lambda w: bnb4_reconstruction(w, "fp4", False)
+    methods["FP4 blocksize 64, by hand from the code table (no library)"] = fp4_by_hand
     methods["min-max INT4 g=32, float zero (Q4_1's rule, reference)"] = minmax_float_zero
     print("| re-quantization | relative error ‖Ŵ − W‖_F / ‖W‖_F |")
     print("|---|---|")

@@ -153,4 +153,8 @@ def test_q4_1_weights_are_a_4bit_grid_that_float_zero_points_hold_and_integer_on
         assert rel(lambda x: q.intn_reconstruction(x, 4, "hqq")) < 2e-3  # fractional zeros: nearly lossless
         assert rel(lambda x: q.intn_reconstruction(x, 4, "rtn")) > 0.05  # integer zeros shift the grid
         assert rel(lambda x: q.intn_reconstruction(x, 2, "rtn")) > 0.3
-        assert rel(q.nf4_reconstruction) > 0.05  # another grid
+        assert rel(q.bnb4_reconstruction) > 0.05  # another grid
+        lib, by_hand = q.bnb4_reconstruction(w, "fp4", False), q.fp4_by_hand(w)  # bitsandbytes FP4 vs its code table by hand
+        assert float((lib != by_hand).float().mean()) < 1e-3  # only exact midpoints (on-grid weights) round the other way
+        assert rel(lambda x: lib) == pytest.approx(rel(lambda x: by_hand), rel=1e-3)
+        assert rel(lambda x: q.bnb4_reconstruction(x, "fp4", True)) > 1.25 * rel(q.bnb4_reconstruction)  # FP4 is coarser than NF4
