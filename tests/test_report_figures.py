@@ -98,12 +98,16 @@ def test_c_qalora_bits_series_reference_and_size(tmp_path: Path) -> None:
     assert drawn.data["reference"]["accuracy"].iloc[0] == pytest.approx(43.0)
     ax, ax2 = drawn.fig.axes
     ys = {c.get_label(): list(c.lines[0].get_ydata()) for c in ax.containers}
-    assert ys["QA-LoRA merged (INT-N) (n=2)"] == pytest.approx([41.0, 31.0])
+    assert ys["QA-LoRA merged (INT-N, RTN) (n=2)"] == pytest.approx([41.0, 31.0])
+    assert "QLoRA merged → INT-N (RTN) (n=2)" in ys
     ref = next(ln for ln in ax.lines if ln.get_label().startswith("QLoRA merged, 16-bit"))
     assert ref.get_ydata()[0] == pytest.approx(43.0)
     assert list(ax2.lines[0].get_ydata()) == pytest.approx([4.0, 2.0])
     assert drawn.data["size_16bit_mb"]["size_mb"].iloc[0] == pytest.approx(16.0)
     assert ax2.lines[-1].get_ydata()[0] == pytest.approx(16.0)
+    hqq = rs.runs.assign(**{"strategy.quantizer": "hqq", "strategy.merge_quantizer": "hqq"})  # HQQ codes: named so
+    assert {c.get_label() for c in figures.qalora_bits("qt1", hqq, rs).fig.axes[0].containers} == {
+        "QA-LoRA merged (INT-N, HQQ) (n=2)", "QLoRA merged → INT-N (HQQ) (n=2)"}
     four = rs.runs[rs.runs["strategy.merge_bits"] == 4]  # one width: no bits axis
     with pytest.raises(Skip, match="INT-N merges at 4 bits only"):
         figures.qalora_bits("qt1", four, rs)

@@ -108,13 +108,16 @@ def qalora_bits(name: str, study: pd.DataFrame, runs: RunSet) -> Drawn:
     if "strategy.merge" not in study.columns or not study["strategy.merge"].isin(["zeros", "intn"]).any():
         raise Skip("no run merged into INT-N (strategy.merge=zeros or intn)")
     acc, size = "eval/accuracy_merged", "merged/model_bytes"
-    series = [("QA-LoRA merged (INT-N)", "qalora", "zeros", "strategy.bits"),
-              ("QLoRA merged → INT-N (RTN)", "qlora", "intn", "strategy.merge_bits")]
+    series = [("QA-LoRA merged (INT-N, {q})", "qalora", "zeros", "strategy.bits", "strategy.quantizer"),
+              ("QLoRA merged → INT-N ({q})", "qlora", "intn", "strategy.merge_bits", "strategy.merge_quantizer")]
     rows = []
-    for title, strategy, merge, bits_col in series:
+    for template, strategy, merge, bits_col, quantizer_col in series:
         part = study[(study["strategy.merge"] == merge) & (study["strategy.name"] == strategy)]
         if part.empty:
             continue
+        # which quantizer chose the INT-N codes (runs from before the key existed used RTN)
+        q = part[quantizer_col].dropna().astype(str) if quantizer_col in part.columns else pd.Series(dtype=str)
+        title = template.format(q="/".join(sorted(q.str.upper().unique())) or "RTN")
         for bits, sub in part.groupby(bits_col):
             agg = aggregate(sub, [acc, size])
             if len(agg) != 1:
