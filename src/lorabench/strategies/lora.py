@@ -29,8 +29,8 @@ class LoRAConfig(StrategyConfig):
     rslora: bool = False  # scale by α/√r instead of α/r (rank-stabilised LoRA)
     target_modules: Any = "all-linear"  # linears that get adapters: 'all-linear' or a list of module names (q_proj, ...)
     quantize_modules: Any = "all-linear"  # linears quantized (4-bit base; merge=intn): the whole decoder, as the papers do
-    merge: str = "none"  # none | 16bit | intn: also score the merged model (intn: merged, then RTN INT-N)
-    merge_bits: int = 4  # merge=intn: bits of the post-merge RTN quantization
+    merge: str = "none"  # none | 16bit | intn: also score the merged model (intn: merged, then quantized to INT-N)
+    merge_bits: int = 4  # merge=intn: bits of the post-merge quantization
     merge_group_size: int = 32  # merge=intn: group size along in_features of that quantization
     merge_quantizer: str = "rtn"  # merge=intn: how that quantization picks codes: rtn | hqq (as qalora's strategy.quantizer)
 
