@@ -250,9 +250,10 @@ def test_sigterm_to_a_joblib_job_records_it_preempted_and_the_others_run(tmp_pat
 
 @pytest.mark.slow
 def test_a_sigkilled_joblib_worker_costs_its_own_job_not_the_sweep(tmp_path: Path) -> None:
-    """Job 1's worker is SIGKILLed mid step 6 (checkpoint at step 4), and again when it resumes (an OOM
-    that recurs): loky breaks its pool, the launcher relaunches the unfinished jobs once, job 0 ends
-    as an uninterrupted run, job 1 is listed missing/killed, exit 1, no traceback; a rerun resumes it."""
+    """Job 1's worker is SIGKILLed mid step 6 (checkpoint at step 4) every time it gets there (an OOM
+    that recurs): loky breaks its pool, the launcher relaunches the unfinished jobs once, then runs
+    them one at a time, each alone; job 0 ends as an uninterrupted run whichever round finished it,
+    job 1 is listed missing/killed, exit 1, no traceback; a rerun resumes it."""
     hook = signal_hook(tmp_path)
     sweep = tmp_path / "sweep"
     proc = run_sweep(sweep, hook, signals="1_:5:SIGKILL", launcher="joblib")
@@ -260,7 +261,8 @@ def test_a_sigkilled_joblib_worker_costs_its_own_job_not_the_sweep(tmp_path: Pat
     assert proc.returncode == 1, out[-3000:]
     assert "Traceback" not in out
     assert "lorabench: a joblib worker died (" in out and "relaunching the unfinished jobs once" in out
-    assert "lorabench: a joblib worker died again (" in out
+    assert "lorabench: a joblib worker died again (" in out and "going on one job at a time" in out
+    assert "lorabench: job 1's worker died when it ran alone (" in out and "job 0's worker" not in out
     assert list(pd.read_csv(sweep / "sweep_summary.csv")["status"]) == ["completed", "missing/killed"]
     assert_uninterrupted(sweep / "0_lora_s0", tmp_path, 0)
     assert [r["step"] for r in rows(sweep / "1_lora_s1") if "train/loss" in r] == [1, 2, 3, 4, 5]

@@ -5,9 +5,11 @@ running in the other workers are terminated too, and the plugin raises Terminate
 which ends the sweep with a traceback and no sweep summary. No joblib setting keeps the siblings
 alive, so this launcher relaunches the sweep's jobs once in a fresh pool: completed jobs are
 skipped by the run-dir rules (they return their recorded result), the interrupted ones resume
-from their checkpoints. A job whose worker dies again (an OOM that recurs) is left without a
-`summary.json`, so the sweep summary lists it as missing/killed and the exit code says a job
-failed. For jobs that must never be retried, use hydra/launcher=submitit_local (one process per job).
+from their checkpoints. If a worker dies again (an OOM that recurs), the jobs go on one at a
+time, each alone in its pool, so the job that keeps dying no longer takes the others down with
+it: it is left without a `summary.json`, the sweep summary lists it as missing/killed and the
+exit code says a job failed. For jobs that must never be retried, use
+hydra/launcher=submitit_local (one process per job).
 """
 
 from __future__ import annotations
@@ -33,10 +35,19 @@ class JoblibLauncher(PluginLauncher):
         try:
             return super().launch(job_overrides, initial_job_idx)
         except TerminatedWorkerError as e:
-            print(f"lorabench: a joblib worker died again ({one_line(e)}); the jobs without a summary are listed "
-                  "missing/killed in the sweep summary; rerun the sweep to resume them", file=sys.stderr)
-            # results of the jobs that did finish are in their run dirs (the sweep summary reads them)
-            return [JobReturn(overrides=list(o), status=JobStatus.COMPLETED, _return_value=None) for o in job_overrides]
+            print(f"lorabench: a joblib worker died again ({one_line(e)}); going on one job at a time, each alone "
+                  "in its pool, so a job that keeps dying costs only itself", file=sys.stderr)
+        return [self.launch_alone(list(o), initial_job_idx + i) for i, o in enumerate(job_overrides)]
+
+    def launch_alone(self, overrides: list[str], job_idx: int) -> JobReturn:
+        """One job in a pool of its own; a worker death here is that job's (listed missing/killed)."""
+        try:
+            return super().launch([overrides], job_idx)[0]
+        except TerminatedWorkerError as e:
+            print(f"lorabench: job {job_idx}'s worker died when it ran alone ({one_line(e)}); it is listed "
+                  "missing/killed in the sweep summary; rerun the sweep to resume it", file=sys.stderr)
+            # no return value: the sweep summary reads what the job's run dir holds (no summary.json)
+            return JobReturn(overrides=overrides, status=JobStatus.COMPLETED, _return_value=None)
 
 
 def one_line(error: Exception) -> str:
