@@ -14,6 +14,7 @@ later job loads the standard dir in ~2 s.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import shutil
@@ -50,14 +51,25 @@ def resolve_gguf(spec: str, key: str = "model.gguf_file") -> Path:
 
 
 def gguf_architecture(path: Path, key: str = "model.gguf_file") -> str:
-    """`general.architecture` of a GGUF file (read from its header; tensors stay on disk)."""
-    from gguf import GGUFReader
+    """`general.architecture` of a GGUF file (read from its header; tensors stay on disk).
 
+    GGUFReader parses every metadata field (SmolLM2's 49k-token vocab: ~5 s), and a sweep validates
+    each job up front, so the answer is kept per file version (path, size, mtime).
+    """
+    stat = path.stat()
     try:
-        field = GGUFReader(str(path)).fields["general.architecture"]
-        return bytes(field.parts[field.data[0]]).decode()
+        return read_architecture(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     except (KeyError, ValueError, IndexError) as e:
         raise ConfigError(f"{key}: {path} is not a readable GGUF model file ({type(e).__name__}: {e})") from None
+
+
+@functools.lru_cache(maxsize=8)
+def read_architecture(path: str, size: int, mtime_ns: int) -> str:
+    """The uncached read behind gguf_architecture (size and mtime only key the cache)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields["general.architecture"]
+    return bytes(field.parts[field.data[0]]).decode()
 
 
 def check_llama_family(path: Path, key: str = "model.gguf_file") -> None:
