@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,7 +19,6 @@ from lorabench.training.job import build_trainer
 from tests.helpers import REPO, TINY, run_tiny, tiny_cfg
 
 # Each strategy for a few steps; ReLoRA switches phase at step 2 (DDP rebuilt) and merges at steps 4 and 6.
-BF16_COMPUTE = {"qlora", "peft_qlora"}  # strategies whose 4-bit layers compute in bf16 (strategy.compute_dtype)
 PLAN = {
     "full": ["strategy=full"],
     "lora": ["strategy=lora"],
@@ -62,6 +62,11 @@ def torchrun(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
                           timeout=600)
 
 
+def computes_in_bf16(base: Any) -> bool:
+    """Whether a strategy's base format runs its matmuls in bf16 (bitsandbytes' 4-bit compute_dtype)."""
+    return base is not None and base.options.get("compute_dtype") == "bf16"
+
+
 def run_plan(tmp_path: Path, plan: dict[str, list[str]], device: str, tol: float) -> None:
     """Every strategy of `plan` under torchrun (2 processes) against one process on `device`."""
     (tmp_path / "worker.py").write_text(WORKER)
@@ -77,7 +82,7 @@ def run_plan(tmp_path: Path, plan: dict[str, list[str]], device: str, tol: float
         losses = [single.train_step()["train/loss"] for _ in range(single.cfg.max_steps)]
         # bf16 4-bit matmuls round the split batch differently from the whole one: on one CPU of this
         # kind peft_qlora's step-6 loss differed by 1.3e-5 relative (others ≤ 1e-6), so 10× the tolerance
-        t = tol * 10 if name in BF16_COMPUTE else tol
+        t = tol * 10 if computes_in_bf16(single.strategy.base_format()) else tol
         assert len(losses) == 6 and r0["losses"] == pytest.approx(losses, rel=t, abs=t / 10), name
         for key, w in single.model.state_dict().items():
             if w.is_floating_point():

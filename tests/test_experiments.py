@@ -22,7 +22,7 @@ from tests.helpers import CONF, compose_cfg
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 JOBS = {"compare": 21, "rank_sweep": 84, "lr_sweep": 75, "memory_scaling": 30, "qalora_table1": 21,
-        "relora_table2": 10, "relora_capacity": 15, "qlora_paper": 1, "lora_vs_full": 18, "qlora_nf4": 12,
+        "relora_table2": 10, "relora_capacity": 15, "qlora_paper": 1, "lora_vs_full": 18, "lora_vs_full_smollm2": 15, "qlora_nf4": 12,
         "qalora_table1_smollm2": 27}
 
 
@@ -127,6 +127,14 @@ def test_lora_vs_full_is_full_against_lora_ranks_at_fixed_alpha() -> None:
     assert {v.model.source for v in c.values()} == {"tiny"}  # the embedded default (model.pretrain_seed=1: a second backbone)
 
 
+def test_lora_vs_full_smollm2_is_the_same_cells_on_smollm2() -> None:
+    tiny, real = cells("lora_vs_full"), cells("lora_vs_full_smollm2")
+    assert sorted(real) == ["full", "lora_r1", "lora_r16", "lora_r4", "lora_r64"]
+    for k, v in real.items():  # the tiny preset's strategy node (and so its tuned lr), on SmolLM2's setting
+        assert OmegaConf.to_container(v.strategy) == OmegaConf.to_container(tiny[k].strategy), k
+        assert (v.model.source, v.task.name, v.trainer.max_steps, v.trainer.threads) == ("gguf", "sort", 60, 1)
+
+
 def test_qlora_nf4_cells_differ_only_in_the_base_format() -> None:
     c = cells("qlora_nf4")
     assert c["lora"].strategy.name == "lora"
@@ -149,7 +157,7 @@ def test_qalora_table1_smollm2_pairs_each_qalora_cell_with_its_qlora_baseline() 
 
 def test_experiment_files_comment_every_key() -> None:
     for name in ("compare", "rank_sweep", "lr_sweep", "memory_scaling", "lora_vs_full", "qlora_nf4",
-                 "qalora_table1_smollm2"):
+                 "qalora_table1_smollm2", "lora_vs_full_smollm2"):
         body = [ln for ln in (CONF / "experiment" / f"{name}.yaml").read_text().splitlines()
                 if ln.strip() and not ln.lstrip().startswith("#")]
         leaves = [ln for ln in body if not ln.rstrip().endswith(":")]
