@@ -55,6 +55,42 @@ def test_a_accuracy_vs_memory_points_and_pareto_front(tmp_path: Path) -> None:
     assert "8 runs of `cmp`" in drawn.caption and "2 seeds each" in drawn.caption
 
 
+def test_a_and_b_draw_several_configurations_of_one_strategy_apart(tmp_path: Path) -> None:
+    """QLoRA's Table 4 cells: lora and three qlora base formats, one point / bar each; the qlora
+    points share qlora's colour and differ in marker; nine configurations are too many."""
+    sweep = tmp_path / "nf4"
+    cells = {"lora": ("lora", None, 0.8, 540e6), "nf4_dq": ("qlora", "nf4", 0.7, 190e6),
+             "nf4": ("qlora", "nf4", 0.75, 195e6), "fp4": ("qlora", "fp4", 0.5, 190e6)}
+    for cell, (s, quant, acc, mem) in cells.items():
+        for seed in (0, 1):
+            make_run(sweep, f"{cell}_s{seed}", strategy=s, seed=seed,
+                     overrides=[f"+experiment/qlora_nf4@_global_={cell}", f"seed={seed}"],
+                     config={"strategy.quant_type": quant, "strategy.double_quant": cell != "nf4"},
+                     summary={"eval/accuracy": acc + 0.02 * seed, "memory/measured_bytes": mem,
+                              "memory/formula_bytes": mem, "memory/measured_base_bytes": mem - 3e6,
+                              "memory/measured_trainable_bytes": 1e6, "memory/measured_grad_bytes": 1e6,
+                              "memory/measured_optimizer_bytes": 1e6})
+    rs = load_local([sweep])
+    drawn = figures.accuracy_vs_memory("nf4", rs.runs, rs)
+    d = drawn.data["points"].set_index("label")
+    assert sorted(d.index) == ["fp4", "lora", "nf4", "nf4_dq"]
+    assert d.loc["nf4", "accuracy"] == pytest.approx(76.0) and d.loc["fp4", "memory_mb"] == pytest.approx(190.0)
+    assert d["pareto"].to_dict() == {"lora": True, "nf4_dq": True, "nf4": True, "fp4": False}  # fp4: nf4_dq beats it at 190 MB
+    ax = drawn.fig.axes[0]
+    styles = {c.get_label().split(" (")[0]: (mcolors.to_hex(c.lines[0].get_color()), c.lines[0].get_marker())
+              for c in ax.containers}
+    assert {v[0] for k, v in styles.items() if k != "lora"} == {mcolors.to_hex(strategy_colour("qlora"))}
+    assert len({v for k, v in styles.items() if k != "lora"}) == 3  # same colour, three markers
+    bars = figures.memory_stack("nf4", rs.runs, rs).data["bars"].set_index("label")
+    assert bars.loc["fp4", "base"] == pytest.approx(187.0) and len(bars) == 4
+    for k in range(5):  # 9 configurations in all
+        make_run(sweep, f"extra{k}_s0", strategy="lora", seed=0, overrides=[f"strategy.rank={k + 1}", "seed=0"],
+                 config={"strategy.rank": k + 1}, summary={"eval/accuracy": 0.1, "memory/measured_bytes": 1e6})
+    rs = load_local([sweep])
+    with pytest.raises(Skip, match=r"^9 configurations, more than the 8 points"):
+        figures.accuracy_vs_memory("nf4", rs.runs, rs)
+
+
 def test_b_memory_stack_heights_and_formula_markers(tmp_path: Path) -> None:
     df, rs = compare(tmp_path)
     drawn = figures.memory_stack("cmp", df, rs)

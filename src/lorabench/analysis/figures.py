@@ -25,10 +25,26 @@ def need(study: pd.DataFrame, *metrics: str) -> None:
         raise Skip(f"no run logged {', '.join(missing)}")
 
 
-def by_strategy_only(study: pd.DataFrame, agg: pd.DataFrame) -> None:
-    """Figures a and b compare strategies at one configuration each."""
-    if agg["strategy"].nunique() != len(agg):
-        raise Skip("its configurations differ in more than the strategy (one point per strategy needs one configuration each)")
+MAX_POINTS = 8  # figures a and b: one point / bar per configuration, readable up to this many
+MARKERS = "osD^vP*X"  # a strategy's k-th configuration in figure a (its colour is the strategy's)
+
+
+def few_configurations(agg: pd.DataFrame) -> None:
+    """Figures a and b draw one point (bar) per configuration; a rank or size sweep has figures e and f."""
+    if len(agg) > MAX_POINTS:
+        raise Skip(f"{len(agg)} configurations, more than the {MAX_POINTS} points it keeps readable "
+                   "(figure e draws rank sweeps, f size sweeps)")
+
+
+def markers(strategies: pd.Series) -> list[str]:
+    """A marker per configuration: the k-th configuration of a strategy gets MARKERS[k], so two
+    configurations of one strategy (one colour) stay apart."""
+    seen: dict[str, int] = {}
+    out = []
+    for s in strategies:
+        out.append(MARKERS[seen.get(s, 0) % len(MARKERS)])
+        seen[s] = seen.get(s, 0) + 1
+    return out
 
 
 def pareto(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -38,18 +54,19 @@ def pareto(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def accuracy_vs_memory(name: str, study: pd.DataFrame, runs: RunSet) -> Drawn:
-    """a: exact match vs measured memory, one point per strategy (mean ± std), Pareto front."""
+    """a: exact match vs measured memory, one point per configuration (mean ± std), Pareto front."""
     need(study, ACC, MEM)
     agg = aggregate(study, [ACC, MEM])
-    by_strategy_only(study, agg)
+    few_configurations(agg)
     d = pd.DataFrame({"label": agg["label"], "strategy": agg["strategy"], "seeds": agg["seeds"],
                       "memory_mb": agg[f"{MEM}:mean"] * MB, "memory_std": agg[f"{MEM}:std"] * MB,
                       "accuracy": agg[f"{ACC}:mean"] * 100, "accuracy_std": agg[f"{ACC}:std"] * 100}).dropna(
         subset=["memory_mb", "accuracy"]).reset_index(drop=True)
     d["pareto"] = pareto(d["memory_mb"].to_numpy(), d["accuracy"].to_numpy())
+    d["marker"] = markers(d["strategy"])
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, r in d.iterrows():
-        ax.errorbar(r["memory_mb"], r["accuracy"], xerr=err(r["memory_std"]), yerr=err(r["accuracy_std"]), fmt="o",
+        ax.errorbar(r["memory_mb"], r["accuracy"], xerr=err(r["memory_std"]), yerr=err(r["accuracy_std"]), fmt=r["marker"],
                     ms=7, capsize=3, color=strategy_colour(r["strategy"]), label=f"{r['label']} (n={r['seeds']})")
     front = d[d["pareto"]].sort_values("memory_mb")
     ax.plot(front["memory_mb"], front["accuracy"], drawstyle="steps-post", color="k", lw=1, ls="--",
@@ -64,13 +81,13 @@ def accuracy_vs_memory(name: str, study: pd.DataFrame, runs: RunSet) -> Drawn:
 
 
 def memory_stack(name: str, study: pd.DataFrame, runs: RunSet) -> Drawn:
-    """b: measured memory per strategy stacked by what holds it, the seed formula beside it;
+    """b: measured memory per configuration stacked by what holds it, the seed formula beside it;
     right panel adds the first step's activations."""
     parts = [f"memory/measured_{p}_bytes" for p, _ in PARTS]
     need(study, *parts, "memory/formula_bytes")
     act = "memory/activation_bytes"
     agg = aggregate(study, [*parts, act, "memory/formula_bytes"])
-    by_strategy_only(study, agg)
+    few_configurations(agg)
     d = pd.DataFrame({"label": agg["label"], "strategy": agg["strategy"], "seeds": agg["seeds"]})
     for p, _ in PARTS:
         d[p] = agg[f"memory/measured_{p}_bytes:mean"] * MB
@@ -97,7 +114,7 @@ def memory_stack(name: str, study: pd.DataFrame, runs: RunSet) -> Drawn:
         ax.grid(axis="y", alpha=0.3)
     handles, names = axes[1].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=3, fontsize=8, bbox_to_anchor=(0.5, -0.12))
-    return Drawn(fig, {"bars": d}, caption("Measured memory per strategy by what holds it, seed formula as ◆",
+    return Drawn(fig, {"bars": d}, caption("Measured memory per configuration by what holds it, seed formula as ◆",
                                            name, study, agg))
 
 

@@ -28,7 +28,7 @@ from lorabench.utils import atomic_write_text
 # (file stem, what it is, function): the figures of the issue, in its order a–g.
 FIGURES: list[tuple[str, str, Callable[[str, pd.DataFrame, RunSet], Drawn]]] = [
     ("a_accuracy_vs_memory", "a: accuracy vs measured memory", figures.accuracy_vs_memory),
-    ("b_memory_breakdown", "b: memory per strategy, stacked, with the seed formula", figures.memory_stack),
+    ("b_memory_breakdown", "b: memory per configuration, stacked, with the seed formula", figures.memory_stack),
     ("c_qalora_bits", "c: QA-LoRA Table 1 (accuracy vs bits)", figures.qalora_bits),
     ("d_relora_perplexity", "d: ReLoRA perplexity, lr and merges", curves.relora_perplexity),
     ("e_rank", "e: accuracy and memory vs rank", figures.accuracy_memory_vs_rank),
