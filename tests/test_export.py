@@ -117,15 +117,13 @@ def test_llama_cpp_runs_the_gguf_close_to_the_merged_logits(exported) -> None:
     bits, merged, base, path, _ = exported
     ids = CharTokenizer().encode(TEXT)
     # llama.cpp runs in a process of its own, so that a crash of the runtime fails this test instead
-    # of killing pytest. llama-cpp-python is built from source at install time; where that build
-    # cannot run SmolLM2's own GGUF either (0.3.35/0.3.36 segfaulted in decode on one machine of
-    # this kind), the runtime is broken, not the export: skip, naming the check.
-    script = ("import json, sys, numpy as np, llama_cpp\n"
+    # of killing pytest; with weight repacking off (llama_cpp_scores says why). Where a build still
+    # cannot run SmolLM2's own GGUF, the runtime is broken, not the export: skip, naming it.
+    script = ("import json, sys, numpy as np\n"
+              "from pathlib import Path\n"
+              "from lorabench.quant.export_gguf import llama_cpp_scores\n"
               "path, ids, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]\n"
-              "rt = llama_cpp.Llama(path, logits_all=True, verbose=False, n_ctx=256, n_threads=1)\n"
-              "rt.eval(ids)\n"
-              "np.save(out, np.array(rt.scores[: len(ids)]))\n"
-              "rt.close()\n")
+              "np.save(out, llama_cpp_scores(Path(path), ids))\n")
 
     def run(gguf: Path, tokens: list[int]) -> subprocess.CompletedProcess:
         out = path.parent / f"{gguf.stem}.scores.npy"  # in the test's tmp dir, also for the reference file

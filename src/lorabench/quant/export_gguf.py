@@ -193,3 +193,35 @@ def gguf_name(names: Any, module: str) -> str:
     if name is None:
         raise ConfigError(f"--export gguf: module '{module}' has no GGUF tensor name in the Llama layout")
     return name
+
+
+def llama_cpp_scores(path: Path, ids: list[int]) -> np.ndarray:
+    """llama.cpp's logits (len(ids) × vocab) for the token ids, through llama-cpp-python, with
+    weight repacking off.
+
+    llama-cpp-python builds llama.cpp from source with -march=native; on a VM whose CPU reports AMX
+    but does not let processes use it, the repacked ("extra buffer type") AMX matmul dies of SIGILL,
+    on SmolLM2's own GGUF too (seen with 0.3.35 and 0.3.36). Unpacked, llama.cpp runs its plain Q4_1
+    kernels on the file as written. `Llama` takes no such option, so its default model params are
+    wrapped while it loads. Run it in a process of its own where a crash must not end the caller.
+    """
+    import llama_cpp
+    import llama_cpp.llama_cpp as lib
+
+    defaults = lib.llama_model_default_params
+
+    def no_repack() -> Any:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    lib.llama_model_default_params = no_repack
+    try:
+        runtime = llama_cpp.Llama(str(path), logits_all=True, verbose=False, n_ctx=256, n_threads=1)
+    finally:
+        lib.llama_model_default_params = defaults
+    try:
+        runtime.eval(ids)
+        return np.array(runtime.scores[: len(ids)])
+    finally:
+        runtime.close()
