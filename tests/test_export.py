@@ -4,6 +4,9 @@ logits that two runtimes other than lorabench (transformers + gguf, llama.cpp) c
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -109,10 +112,6 @@ def test_llama_cpp_runs_the_gguf_close_to_the_merged_logits(exported) -> None:
     """llama.cpp's Q4_1 kernel rounds the activations to 8 bits per block of 32 (Q8_1), so its
     logits move by more than the file's rounding: tolerance 0.15 · max|logits|, and at most a
     quarter of the adapter's own effect on the logits."""
-    import json
-    import subprocess
-    import sys
-
     pytest.importorskip("llama_cpp")
     bits, merged, base, path, _ = exported
     ids = CharTokenizer().encode(TEXT)

@@ -42,8 +42,8 @@ def markers(strategies: pd.Series) -> list[str]:
     seen: dict[str, int] = {}
     out = []
     for s in strategies:
-        out.append(MARKERS[seen.get(s, 0) % len(MARKERS)])
-        seen[s] = seen.get(s, 0) + 1
+        k = seen[s] = seen.get(s, -1) + 1
+        out.append(MARKERS[k % len(MARKERS)])
     return out
 
 
