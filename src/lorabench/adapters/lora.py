@@ -43,6 +43,10 @@ class LoraVariant:
         """What A multiplies, from the (dropped-out) layer input."""
         return x
 
+    def dropped_input(self, layer: "LoRALinear", x: torch.Tensor) -> torch.Tensor:
+        """A's input in training: dropout on x, then `adapter_input` (PEFT's order)."""
+        return self.adapter_input(layer, layer.lora_dropout(x))
+
     def delta_weight(self, layer: "LoRALinear") -> torch.Tensor:
         """The update as a dense (out, in) fp32 weight change: (α/r)·B@A."""
         return (layer.lora_B.weight.float() @ layer.lora_A.weight.float()) * layer.scaling
@@ -104,7 +108,7 @@ class LoRALinear(nn.Module):
         result = self.base_forward(x)
         if self.merged:
             return result
-        h = self.variant.adapter_input(self, self.lora_dropout(x.to(self.lora_A.weight.dtype)))
+        h = self.variant.dropped_input(self, x.to(self.lora_A.weight.dtype))
         # Scale the r-wide hidden, not the out-wide update: s·B(Ah) = B(s·Ah) saves one pass
         # over the largest adapter tensor forward and backward (bit-identical when s = α/r
         # is a power of two, as with the defaults; otherwise equal to float rounding).
