@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lorabench"
 # A module may import lorabench modules of its own layer or below, never above.
 LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (0, ("errors", "utils", "registry", "surgery", "memory", "config", "data", "wandb_offline", "wandb_agent", "tracking")),
-    (1, ("quant", "backbone", "evaluate", "lm_eval_bridge", "param_count", "training.schedules", "training.optimizer")),
+    (1, ("quant", "backbone", "evaluate", "lm_eval_bridge", "param_count", "provenance", "training.schedules", "training.optimizer")),
     (2, ("adapters",)),
     (3, ("strategies",)),
     (4, ("training",)),

@@ -100,6 +100,11 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
 
+    def add_config(self, extra: dict[str, Any]) -> None:
+        """Keys known only once the backbone and data are built (the job's `provenance/*`) join the W&B config."""
+        if self.wandb_run is not None:
+            self.wandb_run.config.update(extra, allow_val_change=True)
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         """summary.json, atomically; mirrored into the W&B run summary."""
         clean = {k: _jsonable(v) for k, v in summary.items()}

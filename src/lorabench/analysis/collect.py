@@ -2,10 +2,11 @@
 
 One row per run: `run` (its dir or W&B path), `group` (the sweep: the sweep dir's name, which is
 also the W&B group), `status`, every config key as a dotted column (`strategy.rank`,
-`trainer.max_steps`, `seed`), and every summary metric as a slashed column (`eval/accuracy`,
-`memory/measured_bytes`). A W&B run summary holds the last logged value of every history key
-updated with summary.json, so the local loader adds the last metrics.jsonl value of each key
-summary.json lacks: both sources give the same columns. Per-step history is read on demand
+`trainer.max_steps`, `seed`), every summary metric as a slashed column (`eval/accuracy`,
+`memory/measured_bytes`), and what produced the run (`provenance/torch`, text too). A W&B run
+summary holds the last logged value of every history key updated with summary.json, so the
+local loader adds the last metrics.jsonl value of each key summary.json lacks: both sources
+give the same columns. Per-step history is read on demand
 (`RunSet.history`), never for the table.
 """
 
@@ -27,6 +28,7 @@ METRICS = "metrics.jsonl"  # one JSON line per logged step
 CONFIG = Path(".hydra") / "config.yaml"  # the job's composed config (interpolations unresolved)
 SWEEP_MARK = "multirun.yaml"  # Hydra writes it into every sweep dir: its name is the W&B group
 META = ("run", "group", "status", "error", "overrides")  # columns that are neither config nor metric
+PROVENANCE = "provenance/"  # what produced a run (lorabench.provenance): kept whatever its type
 
 
 @dataclass
@@ -93,6 +95,7 @@ def make_row(run: str, group: str, summary: dict[str, Any], last: dict[str, Any]
                            "error": summary.get("error"), "overrides": json.dumps(summary.get("overrides") or [])}
     row.update(flatten(config))
     row.update(metric_row(summary, last))
+    row.update({k: v for k, v in summary.items() if k.startswith(PROVENANCE)})  # text too: versions, hashes
     return row
 
 

@@ -4,7 +4,9 @@ table the given runs support, from logged runs only (it never trains), identical
 Per study (one sweep on one task): a table (markdown + LaTeX) of every configuration, and the
 figures a–g whose runs are there; a figure the runs do not support is skipped with one printed
 line saying why. `index.md` shows every table and figure with a one-line caption naming the
-runs and the seed counts. Bad input (no runs, an unreachable W&B path) is one line, exit ≠ 0.
+runs and the seed counts; a study whose runs differ in library versions, harness commit, or
+backbone weights (among runs with the same model keys) gets one warning line there, also
+printed. Bad input (no runs, an unreachable W&B path) is one line, exit ≠ 0.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from typing import Any, Callable, Optional
 import pandas as pd
 
 from lorabench.analysis import curves, figures
-from lorabench.analysis.aggregate import METRICS, aggregate, missing_counts, studies
+from lorabench.analysis.aggregate import METRICS, aggregate, grouping_columns, missing_counts, row_keys, studies
 from lorabench.analysis.collect import RunSet, load
 from lorabench.analysis.style import Drawn, Skip, save, seeds_text
 from lorabench.analysis.tables import table_cells, to_latex, to_markdown
 from lorabench.errors import ConfigError
+from lorabench.provenance import LIBRARIES, PREFIX
 from lorabench.utils import atomic_write_text
 
 # (file stem, what it is, function): the figures of the issue, in its order a–g.
@@ -35,6 +38,30 @@ FIGURES: list[tuple[str, str, Callable[[str, pd.DataFrame, RunSet], Drawn]]] = [
     ("f_memory_scaling", "f: measured bytes vs N with the formula", figures.memory_scaling),
     ("g_training_curves", "g: training curves", curves.training_curves),
 ]
+# What runs compared in one study must share: the code and library versions that computed them,
+# and, among runs with the same `model.*` keys, the backbone weights they started from.
+SAME_IN_STUDY = tuple(PREFIX + k for k in ("lorabench_version", "git_commit", *LIBRARIES))
+SAME_PER_MODEL = (PREFIX + "backbone_sha256", PREFIX + "backbone_revision")
+
+
+def provenance_warning(name: str, study: pd.DataFrame) -> Optional[str]:
+    """One line naming every provenance key whose values differ where they must agree, else None.
+
+    Runs that lack a key (logged before it was recorded) are not counted as differing."""
+    parts = []
+    for key in SAME_IN_STUDY:
+        values = sorted(study[key].dropna().astype(str).unique()) if key in study.columns else []
+        if len(values) > 1:
+            parts.append(f"{key} ({', '.join(v[:12] for v in values)})")  # commits and hashes: 12 hex digits
+    models = row_keys(study, [c for c in grouping_columns(study) if c.startswith("model.")])
+    for key in SAME_PER_MODEL:
+        if key not in study.columns:
+            continue
+        mixed = [sorted(v.dropna().astype(str).unique()) for _, v in study[key].groupby(models)]
+        values = sorted({v[:12] for vs in mixed if len(vs) > 1 for v in vs})
+        if values:
+            parts.append(f"{key} ({', '.join(values)}) among runs with the same model keys")
+    return f"warning: {name}: runs grouped together differ in " + "; ".join(parts) if parts else None
 
 
 def report_study(name: str, study: pd.DataFrame, runs: RunSet, out: Path) -> list[str]:
@@ -47,7 +74,12 @@ def report_study(name: str, study: pd.DataFrame, runs: RunSet, out: Path) -> lis
     cap = f"`{name}`: {len(study)} runs, {len(agg)} configurations, {seeds_text(agg)}; mean ± std over seeds, best per column in bold."
     atomic_write_text(out / f"{name}_table.md", to_markdown(table))
     atomic_write_text(out / f"{name}_table.tex", to_latex(table, cap.replace("`", "")))
-    section = [f"## {name}", "", f"Table: {cap} ([LaTeX]({name}_table.tex))", "", to_markdown(table)]
+    section = [f"## {name}", ""]
+    warning = provenance_warning(name, study)
+    if warning:
+        print(warning)
+        section += [f"**{warning}**", ""]
+    section += [f"Table: {cap} ([LaTeX]({name}_table.tex))", "", to_markdown(table)]
     for stem, what, fn in FIGURES:
         try:
             drawn = fn(name, study, runs)

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig
 
-from lorabench import memory
+from lorabench import memory, provenance
 from lorabench.backbone import load_backbone
 from lorabench.data import build_task
 from lorabench.errors import ConfigError, Interrupted
@@ -107,6 +107,8 @@ def _run_main(cfg: DictConfig, device: torch.device, strategy: Strategy, dist: D
         with PreemptionGuard() as guard:
             trainer = build_trainer(cfg, device, tracker, run_dir, strategy, started_at=time.perf_counter(),
                                     dist=dist, stop_requested=guard.requested)
+            summary.update(prov := provenance.collect(cfg, trainer.model, trainer.data, device))
+            tracker.add_config(prov)  # what produced the run: code, libraries, machine, backbone, data
             summary.update(_train(trainer))
         summary["status"] = "completed"
         (run_dir / "error.txt").unlink(missing_ok=True)  # an earlier attempt's error is history now
