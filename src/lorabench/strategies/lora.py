@@ -70,7 +70,8 @@ class LoRA(Strategy):
 
     def merged_for_eval(self, model: nn.Module, out_dir: Path) -> Optional[nn.Module]:
         """merge=16bit: the exact merged copy; merge=intn: that copy, quantized to INT-N with
-        QA-LoRA's own quantizers (`merge_quantizer`: RTN or HQQ), the paper's "QLoRA w/ GPTQ" baseline."""
+        QA-LoRA's own quantizers (`merge_quantizer`): "QLoRA merged, then RTN/HQQ INT-N" (the QA-LoRA
+        paper's baseline quantizes the merged weights with GPTQ instead)."""
         if self.cfg.merge == "none":
             return None
         merged = self.merge_to_16bit(model)
