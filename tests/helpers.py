@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -98,3 +98,43 @@ def tiny_trainer(run_dir: Optional[Path], *overrides: str, setup: bool = True) -
     if setup:
         trainer.setup()
     return trainer
+
+
+def wait_for(event: Callable[[], bool], proc: Any, what: str) -> None:
+    """Wait until `event()` holds while `proc` runs; fail if it exits first. No wall-clock budget:
+    a busy machine only makes it later (the `spawn` fixture kills the child whatever happens)."""
+    import time
+
+    while not event():
+        if proc.poll() is not None:
+            raise AssertionError(f"the child exited (rc {proc.returncode}) before {what}")
+        time.sleep(0.1)
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    """The steps of metrics.jsonl's training rows (a torn last line, mid-write, is not one yet)."""
+    import json
+
+    path = Path(run_dir) / "metrics.jsonl"
+    steps = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "train/loss" in row:
+            steps.append(row["step"])
+    return steps
+
+
+def wait_for_exit(proc: Any, run_dir: Path, since_step: int, steps: int = 3) -> int:
+    """Wait for `proc` to exit, measured in training steps rather than seconds: fail if it logs
+    more than `steps` steps past `since_step` first (it did not stop). Returns the exit code."""
+    import time
+
+    while proc.poll() is None:
+        done = logged_steps(run_dir)
+        if done and max(done) > since_step + steps:
+            raise AssertionError(f"still training at step {max(done)}, {steps}+ steps after the signal (step {since_step})")
+        time.sleep(0.1)
+    return proc.returncode

@@ -85,28 +85,39 @@ def test_multirun_gives_one_run_dir_summary_and_wandb_run_per_job(tmp_path: Path
     assert len(ids) == 4 and groups == {tmp_path.name}
 
 
-def test_ctrl_c_is_one_line_exit_130_and_resumable(tmp_path) -> None:
-    """SIGINT mid-run: exit 130, one line naming the step, the checkpoint and the resume command."""
+@pytest.mark.slow
+@pytest.mark.parametrize("sigint", ["ignored", "default"])
+def test_ctrl_c_is_one_line_exit_130_and_resumable(tmp_path: Path, spawn, sigint: str) -> None:
+    """`kill -INT` mid-run, to a job that inherited SIGINT ignored (started in the background by a
+    non-interactive shell) or with the default disposition: it stops at the next step boundary,
+    writes a checkpoint at that step, prints one line naming the step, the checkpoint and the
+    resume command, and exits 130. Waits on events (a checkpoint file, logged steps), not seconds."""
     import signal
-    import subprocess
-    import sys
-    import time
 
-    from tests.helpers import TINY
+    import torch
+
+    from tests.helpers import logged_steps, wait_for, wait_for_exit
 
     run_dir = tmp_path / "run"
     args = [*TINY, "trainer.max_steps=100000", "trainer.checkpoint_every=2", f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "WANDB_SILENT": "true"}
-    proc = subprocess.Popen([sys.executable, "-m", "lorabench", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
-    deadline = time.time() + 240
-    while time.time() < deadline and not (run_dir / "checkpoint.pt").exists():
-        time.sleep(0.2)
+    env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with out.open("w") as fo, err.open("w") as fe:
+        proc = spawn([sys.executable, "-m", "lorabench", *args], sigint=sigint, stdout=fo, stderr=fe, env=env, cwd=REPO)
+    wait_for(lambda: (run_dir / "checkpoint.pt").exists(), proc, "its first checkpoint")
+    sent_at = max(logged_steps(run_dir))
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert "Traceback" not in err and len(lines) == 1, err[-2000:]
-    assert lines[0].startswith("lorabench: interrupted at step ") and "the last checkpoint is step" in lines[0]
-    assert lines[0].endswith(f"hydra.run.dir={run_dir}") and "resume with: lorabench " in lines[0]
-    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    rc = wait_for_exit(proc, run_dir, sent_at)
+    stderr = err.read_text()
+    assert rc == 130, stderr[-2000:]
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in stderr and len(lines) == 1, stderr[-2000:]
+    step = max(logged_steps(run_dir))
+    assert sent_at <= step <= sent_at + 3  # the next step boundary (the child runs on while the signal is sent)
+    assert lines[0].startswith(f"lorabench: interrupted at step {step}; the last checkpoint is step {step} in {run_dir}; "
+                               "resume with: lorabench "), lines[0]
+    assert lines[0].endswith(f"hydra.run.dir={run_dir}")
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["state"]["step"] == step
+    assert logged_steps(run_dir) == list(range(1, step + 1))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["status"], summary["step"]) == ("interrupted", step)

@@ -270,3 +270,121 @@ def test_a_sigkilled_joblib_worker_costs_its_own_job_not_the_sweep(tmp_path: Pat
     again = run_sweep(sweep, hook, launcher="joblib")
     assert again.returncode == 0, again.stdout[-3000:]
     assert_uninterrupted(sweep / "1_lora_s1", tmp_path, 1)
+
+
+# ---- Ctrl-C (SIGINT): whatever disposition the job inherited, it stops with a resumable checkpoint ------
+def sigint_at(monkeypatch: pytest.MonkeyPatch, point: str) -> dict:
+    """Send SIGINT to this process at `point` of a RESUMABLE job; returns {"scored": n}: evaluations
+    that ran to the end after the signal (0 = an interrupted evaluation stopped at once)."""
+    import lorabench.training.job as job_mod
+    import lorabench.training.trainer as trainer_mod
+
+    seen = {"scored": 0, "sent": False, "evals": 0}
+
+    def send() -> None:
+        seen["sent"] = True
+        os.kill(os.getpid(), signal.SIGINT)
+
+    if point == "load":
+        real_load = job_mod.load_backbone
+
+        def load(*a: object, **k: object) -> object:
+            send()
+            return real_load(*a, **k)
+
+        monkeypatch.setattr(job_mod, "load_backbone", load)
+    elif point == "first step":
+        real_step = Trainer.train_step
+
+        def step(self: Trainer) -> dict:
+            if self.state.step == 0:
+                send()
+            return real_step(self)
+
+        monkeypatch.setattr(Trainer, "train_step", step)
+    elif point == "checkpoint write":
+        real_save = trainer_mod.atomic_torch_save
+
+        def save(obj: object, path: Path) -> None:
+            if not seen["sent"]:
+                send()
+            real_save(obj, path)
+
+        monkeypatch.setattr(trainer_mod, "atomic_torch_save", save)
+    elif point == "eval":
+        real_eval = trainer_mod.evaluate
+
+        def evaluate(*a: object, **k: object) -> dict:
+            seen["evals"] += 1
+            if seen["evals"] == 3:  # base, step 4, step 8: the one at step 8
+                send()
+            out = real_eval(*a, **k)
+            seen["scored"] += seen["sent"]
+            return out
+
+        monkeypatch.setattr(trainer_mod, "evaluate", evaluate)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    run_dir = tmp_path_factory.mktemp("straight")
+    return run_tiny(run_dir, *RESUMABLE), run_dir
+
+
+# point → (the step reached, the last checkpoint's step) in the one line (RESUMABLE: checkpoints and
+# evaluations every 4 steps; the evaluation at step 8 runs before that step's checkpoint)
+SIGINT_POINTS = {"load": (0, None), "first step": (1, 1), "checkpoint write": (4, 4), "eval": (8, 4)}
+
+
+@pytest.mark.parametrize("inherited", ["SIG_IGN", "default_int_handler"])
+@pytest.mark.parametrize("point", list(SIGINT_POINTS))
+def test_sigint_stops_with_a_resumable_checkpoint_whatever_the_inherited_disposition(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, straight_run: tuple[dict, Path], inherited: str, point: str
+) -> None:
+    """A job that inherited SIGINT as ignored (started in the background by a non-interactive shell)
+    stops on it as one with Python's default does. In a step or a checkpoint write it is deferred to
+    the step boundary (a checkpoint at that step); in loading and evaluation it stops at once."""
+    import torch
+
+    from lorabench.errors import Interrupted
+
+    disposition = getattr(signal, inherited)
+    signal.signal(signal.SIGINT, disposition)
+    try:
+        seen = sigint_at(monkeypatch, point)
+        step, ckpt = SIGINT_POINTS[point]
+        where = f"the last checkpoint is step {ckpt} in {tmp_path}" if ckpt is not None else "no checkpoint was written yet"
+        with pytest.raises(Interrupted) as e:
+            run_tiny(tmp_path, *RESUMABLE)
+        assert str(e.value) == f"interrupted at step {step}; {where}"
+        assert type(e.value) is Interrupted  # not Preempted: Ctrl-C is never requeued
+        assert signal.getsignal(signal.SIGINT) is disposition  # the inherited disposition is back
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert seen["scored"] == 0  # an evaluation under way when SIGINT came did not run to its end
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["status"], summary["step"]) == ("interrupted", step)
+    if ckpt is None:
+        assert not (tmp_path / "checkpoint.pt").exists()
+    else:  # complete and readable: the write it arrived in was not cut
+        assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]["step"] == ckpt
+    monkeypatch.undo()
+    straight, straight_dir = straight_run
+    resumed = run_tiny(tmp_path, *RESUMABLE)
+    assert resumed["status"] == "completed"
+    assert {k: resumed[k] for k in FINAL_KEYS} == {k: straight[k] for k in FINAL_KEYS}
+    assert comparable(tmp_path) == comparable(straight_dir)
+
+
+def test_sigint_while_a_resume_loads_names_the_checkpoint_on_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorabench.errors import Interrupted
+
+    sigint_at(monkeypatch, "first step")
+    with pytest.raises(Interrupted, match=r"^interrupted at step 1; the last checkpoint is step 1 in "):
+        run_tiny(tmp_path, *RESUMABLE)
+    monkeypatch.undo()
+    sigint_at(monkeypatch, "load")  # the rerun is stopped before its trainer has read the checkpoint
+    with pytest.raises(Interrupted) as e:
+        run_tiny(tmp_path, *RESUMABLE)
+    assert str(e.value) == f"interrupted at step 1; the last checkpoint is step 1 in {tmp_path}"

@@ -119,10 +119,10 @@ def _run_main(cfg: DictConfig, device: torch.device, strategy: Strategy, dist: D
         summary.update(status="preempted", error=str(e), step=trainer.state.step if trainer else 0)
         raise
     except KeyboardInterrupt:
-        step = trainer.state.step if trainer else 0
-        last = trainer.last_checkpoint if trainer else None
+        last = run_dir_rules.checkpoint_step(run_dir)  # on disk: also right when stopped before the trainer resumed
+        step = max(trainer.state.step if trainer else 0, last or 0)
         summary.update(status="interrupted", error=f"interrupted at step {step}", step=step)
-        where = f"the last checkpoint is step {last} in {run_dir}" if last else "no checkpoint was written yet"
+        where = f"the last checkpoint is step {last} in {run_dir}" if last is not None else "no checkpoint was written yet"
         raise Interrupted(f"interrupted at step {step}; {where}") from None
     except BaseException as e:
         summary["status"] = "failed"

@@ -8,16 +8,18 @@ tensors, optimizer, scheduler, RNG, counters), so a run resumed in the same run 
 the numbers of an uninterrupted one. Fine-tuning jobs and the tiny backbone's pretraining
 both run through this class.
 
-Between steps it asks `stop_requested` (a preemption signal, see `preempt`): if set, it writes
-a checkpoint and raises `Preempted`. Under torchrun (`distributed.DistContext`) each rank trains
-on its shard of the global batch through DDP, and only rank 0 evaluates and checkpoints.
+Between steps it asks `stop_requested` (a preemption signal or Ctrl-C, see `preempt`): if set,
+it writes a checkpoint and raises `Preempted` (`Interrupted` for Ctrl-C). Under torchrun
+(`distributed.DistContext`) each rank trains on its shard of the global batch through DDP, and only rank 0 evaluates and checkpoints.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -27,12 +29,12 @@ from tqdm.auto import tqdm
 
 from lorabench import memory
 from lorabench.data.tasks import TaskData
-from lorabench.errors import ConfigError
+from lorabench.errors import ConfigError, Interrupted
 from lorabench.evaluate import evaluate
 from lorabench.strategies.base import Strategy
 from lorabench.training.distributed import SINGLE, DistContext
 from lorabench.training.optimizer import build_optimizer, build_scheduler
-from lorabench.training.preempt import Preempted
+from lorabench.training.preempt import Preempted, deferred_interrupts, interruptible
 from lorabench.training.run_dir import CHECKPOINT, check_same_config
 from lorabench.utils import atomic_torch_save
 
@@ -247,43 +249,54 @@ class Trainer:
 
     def fit(self) -> dict[str, float]:
         """Score the base, train to `max_steps` (logging, evaluating and checkpointing on their
-        cadences) and return the final score."""
+        cadences) and return the final score.
+
+        SIGINT inside a step, a log line or a checkpoint write is deferred to the next step
+        boundary (a checkpoint is never half-written, a step never torn); evaluations stay
+        interruptible, since a long one has no step boundary soon (`preempt`)."""
         st, tc = self.state, self.cfg
-        if st.base_eval is None:
-            st.base_eval = self.evaluate()
-            self._log({f"eval/{k}": v for k, v in st.base_eval.items()}, step=0)
-        bar = tqdm(total=tc.max_steps, initial=st.step, desc=self.desc, disable=not (tc.progress and self.dist.is_main))
-        while st.step < tc.max_steps:
-            signum = self.dist.first_signal(self.stop_requested())
-            if signum is not None:  # a step boundary: everything up to st.step is logged
-                bar.close()
-                self.stop_for_preemption(signum)
-            metrics = self.train_step()
-            step = st.step
-            if step % max(1, tc.log_every) == 0 or step == tc.max_steps or len(metrics) > 3:
-                metrics["train/tokens_per_second"] = self.tokens_per_second()
-                metrics["train/wall_seconds"] = self.wall_seconds()  # elapsed, evaluations included: curves vs wall time
-                self._log(metrics, step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
-            if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
-                self._log({f"eval/{k}": v for k, v in self.evaluate().items()}, step)
-            if self.run_dir is not None and tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.max_steps:
-                self.save_checkpoint()
-        bar.close()
-        return self.evaluate()
+        with deferred_interrupts():
+            if st.base_eval is None:
+                with interruptible():
+                    st.base_eval = self.evaluate()
+                self._log({f"eval/{k}": v for k, v in st.base_eval.items()}, step=0)
+            bar = tqdm(total=tc.max_steps, initial=st.step, desc=self.desc, disable=not (tc.progress and self.dist.is_main))
+            while st.step < tc.max_steps:
+                signum = self.dist.first_signal(self.stop_requested())
+                if signum is not None:  # a step boundary: everything up to st.step is logged
+                    bar.close()
+                    self.stop_for_preemption(signum)
+                metrics = self.train_step()
+                step = st.step
+                if step % max(1, tc.log_every) == 0 or step == tc.max_steps or len(metrics) > 3:
+                    metrics["train/tokens_per_second"] = self.tokens_per_second()
+                    metrics["train/wall_seconds"] = self.wall_seconds()  # elapsed, evaluations included: curves vs wall time
+                    self._log(metrics, step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+                if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
+                    with interruptible():
+                        scores = self.evaluate()
+                    self._log({f"eval/{k}": v for k, v in scores.items()}, step)
+                if self.run_dir is not None and tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.max_steps:
+                    self.save_checkpoint()
+            bar.close()
+            if self.dist.first_signal(self.stop_requested()) == signal.SIGINT:  # Ctrl-C in the last step: stop here too
+                self.stop_for_preemption(signal.SIGINT)
+        with interruptible():
+            return self.evaluate()
 
     def stop_for_preemption(self, signum: int) -> None:
-        """Checkpoint at this step boundary (unless one was just written) and raise `Preempted`."""
-        import signal
-
+        """Checkpoint at this step boundary (unless one was just written) and raise `Preempted`
+        (`Interrupted` for SIGINT: Ctrl-C stops the job, nothing requeues it)."""
         name = signal.Signals(signum).name
         step = self.state.step
+        stop = Interrupted if signum == signal.SIGINT else partial(Preempted, signum=signum)
         if self.run_dir is None:
-            raise Preempted(f"stopped by {name} at step {step}; no run dir, nothing saved", signum)
+            raise stop(f"stopped by {name} at step {step}; no run dir, nothing saved")
         if self.last_checkpoint != step:
             self.save_checkpoint()
-        raise Preempted(f"stopped by {name} at step {step}; checkpoint at step {step} in {self.run_dir}", signum)
+        raise stop(f"stopped by {name} at step {step}; checkpoint at step {step} in {self.run_dir}")
 
     def tokens_per_second(self) -> float:
         return self.state.tokens / max(1e-9, self.state.train_seconds)
