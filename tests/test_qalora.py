@@ -89,6 +89,26 @@ def test_pooled_adapter_equals_dense_lora_with_repeated_a(pooling: str, factor: 
     assert torch.allclose(layer.delta_weight(), (layer.lora_B.weight @ dense_a) * 3, atol=1e-6)
 
 
+@pytest.mark.parametrize("position", ["after_pool", "before_pool"])
+def test_dropout_position_orders_pool_and_dropout(position: str) -> None:
+    """after_pool: the mask is (…, in/g) and scales whole pooled groups; before_pool: PEFT's
+    order, the mask is (…, in). Same seed, same mask draw, so each equals its hand formula."""
+    base = intn_layer(g=32, in_f=96, out_f=40)
+    layer = LoRALinear(base, 4, 12, dropout=0.5, variant=QALoRAVariant(base, "sum", dropout_position=position))
+    nn.init.normal_(layer.lora_B.weight)
+    layer.train()
+    x = torch.randn(3, 7, 96)
+    pool = lambda t: t.reshape(3, 7, 3, 32).sum(-1)
+    torch.manual_seed(5)
+    h = layer.variant.dropped_input(layer, x)
+    torch.manual_seed(5)
+    mask = torch.nn.functional.dropout(torch.ones(3, 7, 3 if position == "after_pool" else 96), 0.5)
+    expected = pool(x) * mask if position == "after_pool" else pool(x * mask)
+    assert h.shape == (3, 7, 3) and torch.allclose(h, expected, atol=1e-5, rtol=0)
+    layer.eval()
+    assert torch.equal(layer.variant.dropped_input(layer, x), pool(x))  # inference: no dropout, either order
+
+
 U16 = 2.0**-11  # fp16's unit roundoff: |fp16(v) − v| ≤ U16·|v| for v in fp16's normal range
 
 
@@ -110,7 +130,7 @@ def merge_tolerance(zmax: float, bits: int, logits: torch.Tensor) -> float:
 @pytest.mark.parametrize("bits,g", [(3, 32), (2, 16), (4, 64), (8, 32)])
 def test_merge_into_zeros_is_exact_to_fp16_zeros(pooling: str, bits: int, g: int) -> None:
     model = quantized_llama(bits, g)
-    inject_qalora(model, "all-linear", rank=4, alpha=12, pooling=pooling)  # α/r = 3, g ≠ 1
+    inject_qalora(model, "all-linear", rank=4, alpha=12, pooling=pooling, merged_zeros="fp16")  # α/r = 3, g ≠ 1
     randomize_adapters(model)
     ids = torch.randint(0, 50, (2, 11))
     layers = dict(qalora_layers(model))
@@ -148,11 +168,42 @@ def test_merge_into_zeros_is_exact_to_fp16_zeros(pooling: str, bits: int, g: int
         assert torch.allclose(model(ids).logits, merged, atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("pooling", ["mean", "sum"])
+@pytest.mark.parametrize("bits,g", [(2, 32), (3, 32), (4, 64), (8, 16)])
+def test_merge_into_fp32_zeros_equals_unmerged(pooling: str, bits: int, g: int) -> None:
+    """The default: z' held in fp32 as computed, so the merged model is the unmerged one up to
+    fp32 rounding (no term grows with |z'| as fp16's does)."""
+    model = quantized_llama(bits, g)
+    inject_qalora(model, "all-linear", rank=4, alpha=12, pooling=pooling)
+    randomize_adapters(model)
+    ids = torch.randint(0, 50, (2, 11))
+    layers = dict(qalora_layers(model))
+    z1 = {n: merged_zeros(m) for n, m in layers.items()}
+    dw = {n: m.delta_weight() for n, m in layers.items()}
+    w0 = {n: m.base_layer.dequantize() for n, m in layers.items()}
+    with torch.no_grad():
+        base_logits = quantized_llama(bits, g)(ids).logits
+        unmerged = model(ids).logits
+        merged_model = merge_and_unload(copy.deepcopy(model))
+        merged = merged_model(ids).logits
+    assert (unmerged - base_logits).abs().max() > 1e-2
+    assert float((merged - unmerged).abs().max()) <= 2e-5 * float(unmerged.abs().max())
+    for n in layers:
+        m = merged_model.get_submodule(n)
+        assert m.zero_layout == "fp32" and torch.equal(m.zeros, z1[n])  # held as computed
+        # per weight: s·(q − z') − s·(q − z) = ΔW to fp32 rounding of the values involved
+        s_el = m.scales.float().t().repeat_interleave(g, 1)
+        z_el = z1[n].abs().t().repeat_interleave(g, 1)
+        bound = 4 * 2.0**-24 * s_el * (z_el + 2**bits)
+        assert bool(((m.dequantize() - w0[n] - dw[n]).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("merged", ["fp32", "fp16"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_bytes_before_and_after_merge(bits: int) -> None:
-    """Before: codes N/8 B + fp16 scale and N-bit zero per 32 weights; after: fp16 zeros."""
+def test_bytes_before_and_after_merge(bits: int, merged: str) -> None:
+    """Before: codes N/8 B + fp16 scale and N-bit zero per 32 weights; after: fp32 (4 B) or fp16 (2 B) zeros."""
     model = quantized_llama(bits, 32)
-    inject_qalora(model, "all-linear", rank=4, alpha=8)
+    inject_qalora(model, "all-linear", rank=4, alpha=8, merged_zeros=merged)
     randomize_adapters(model)
     n_q = 2 * (4 * 64 * 64 + 3 * 64 * 128)
 
@@ -163,7 +214,7 @@ def test_bytes_before_and_after_merge(bits: int) -> None:
         return expected, held
 
     before = bits / 8 + 2 / 32 + bits / 8 / 32
-    after = bits / 8 + 2 / 32 + 2 / 32
+    after = bits / 8 + 2 / 32 + {"fp32": 4, "fp16": 2}[merged] / 32
     assert intn_bytes(model) == (n_q * before, n_q * before)
     merge_and_unload(model)
     assert intn_bytes(model) == (n_q * after, n_q * after)
@@ -171,9 +222,10 @@ def test_bytes_before_and_after_merge(bits: int) -> None:
     assert acc.base_quantized == n_q and acc.expected_bytes == storage_bytes(acc.held_tensors)
 
 
-def test_unmerge_restores_packed_integer_zeros_bitwise() -> None:
+@pytest.mark.parametrize("merged", ["fp32", "fp16"])
+def test_unmerge_restores_packed_integer_zeros_bitwise(merged: str) -> None:
     model = quantized_llama(4, 32)
-    inject_qalora(model, "all-linear", rank=4, alpha=12)
+    inject_qalora(model, "all-linear", rank=4, alpha=12, merged_zeros=merged)
     randomize_adapters(model)
     before = {n: m.base_layer.qzeros.clone() for n, m in qalora_layers(model)}
     for _, m in qalora_layers(model):
@@ -208,6 +260,8 @@ def test_refuses_float_base() -> None:
         ({"pooling": "max"}, "strategy.pooling: expected one of"),
         ({"merge": "16bit"}, "strategy.merge: expected one of"),
         ({"quantizer": "gptq"}, "strategy.quantizer: unknown INT-N quantizer"),
+        ({"merged_zeros": "bf16"}, r"^strategy.merged_zeros: expected one of \['fp32', 'fp16'\], got 'bf16'$"),
+        ({"dropout_position": "after_a"}, r"^strategy.dropout_position: expected one of \['after_pool', 'before_pool'\], got 'after_a'$"),
     ],
 )
 def test_strategy_config_refusals(override: dict, msg: str) -> None:
@@ -245,9 +299,10 @@ def test_param_count_llama7b_table2() -> None:
         qalora_trainable_params([(100, 10)], 8, 32)
 
 
-@pytest.mark.parametrize("pooling", ["mean", "sum"])
-def test_merged_for_eval_saves_reloads_same_outputs(tmp_path, pooling: str) -> None:
-    strat = build_strategy({"name": "qalora", "bits": 3, "rank": 4, "alpha": 12, "pooling": pooling})
+@pytest.mark.parametrize("pooling,zeros", [("mean", "fp32"), ("sum", "fp32"), ("sum", "fp16")])
+def test_merged_for_eval_saves_reloads_same_outputs(tmp_path, pooling: str, zeros: str) -> None:
+    strat = build_strategy({"name": "qalora", "bits": 3, "rank": 4, "alpha": 12, "pooling": pooling,
+                            "merged_zeros": zeros})
     model = tiny_llama(tie=True)
     quantize_backbone(model, strat.base_format())
     strat.wrap(model)
@@ -261,28 +316,30 @@ def test_merged_for_eval_saves_reloads_same_outputs(tmp_path, pooling: str) -> N
     for f in ("model.safetensors", "config.json", "intn_config.json"):
         assert (tmp_path / "merged_intn" / f).is_file()
     meta = json.loads((tmp_path / "merged_intn" / "intn_config.json").read_text())
-    assert {spec["zeros"] for spec in meta["layers"].values()} == {"fp16"}
+    assert {spec["zeros"] for spec in meta["layers"].values()} == {zeros} and meta["merged_zeros"] == zeros
     assert not qalora_layers(merged) and qalora_layers(model)  # the trained model is untouched
     for (k, a), (k2, b) in zip(in_memory.state_dict().items(), merged.state_dict().items()):
         assert k == k2 and a.dtype == b.dtype and torch.equal(a, b)  # the file holds the merge exactly
     with torch.no_grad():
         out = merged(ids).logits
-    assert float((out - unmerged).abs().max()) <= merge_tolerance(zmax, 3, unmerged)
+    tol = merge_tolerance(zmax, 3, unmerged) if zeros == "fp16" else 2e-5 * float(unmerged.abs().max())
+    assert float((out - unmerged).abs().max()) <= tol
     assert torch.equal(out.argmax(-1), unmerged.argmax(-1))
     for n, layer in qalora_layers(model):
         assert torch.equal(merged.get_submodule(n).qweight, layer.base_layer.qweight)
         assert torch.equal(merged.get_submodule(n).scales, layer.base_layer.scales)
     # merged/model_bytes: the reloaded merged model's weights (tied embedding once), INT-N state
-    # with fp16 zeros; computed buffers (rotary inv_freq) are not part of the model's size
+    # with float zeros; computed buffers (rotary inv_freq) are not part of the model's size
     fm = strat.final_metrics(model)
     intn_state = [t for m in merged.modules() if isinstance(m, IntNLinear) for t in m.buffers()]
     assert fm["merged/model_bytes"] == storage_bytes([*merged.parameters(), *intn_state])
     packed = sum(l.base_layer.n_groups * (l.out_features // 8) * 3 for _, l in qalora_layers(model))
-    fp16 = sum(2 * l.base_layer.n_groups * l.out_features for _, l in qalora_layers(model))
+    width = {"fp32": 4, "fp16": 2}[zeros]
+    floats = sum(width * l.base_layer.n_groups * l.out_features for _, l in qalora_layers(model))
     adapters = storage_bytes(p for _, l in qalora_layers(model) for p in (l.lora_A.weight, l.lora_B.weight))
     unmerged_state = [t for _, l in qalora_layers(model) for t in l.base_layer.buffers()]
     unmerged_bytes = storage_bytes([*model.parameters(), *unmerged_state]) - adapters
-    assert fm["merged/model_bytes"] == unmerged_bytes - packed + fp16
+    assert fm["merged/model_bytes"] == unmerged_bytes - packed + floats
     n_logical = sum(p.numel() for p in merged.parameters()) + sum(
         m.in_features * m.out_features for m in merged.modules() if isinstance(m, IntNLinear))
     assert fm["merged/model_bytes_16bit"] == 2 * n_logical
@@ -304,6 +361,7 @@ def test_adapter_is_written_in_its_own_format_and_reloads(tmp_path) -> None:
     assert (cfg["pooling"], cfg["group_size"], cfg["bits"], cfg["r"], cfg["lora_alpha"], cfg["scaling"]) == (
         "sum", 32, 4, 4, 12.0, 3.0)
     assert "pool(x)[l] = sum_{i = l*g .. l*g+g-1} x[i]" in cfg["forward"] and "(lora_alpha / r)" in cfg["forward"]
+    assert cfg["dropout_position"] == "after_pool" and "lora_dropout applies after pooling" in cfg["forward"]
     assert len(cfg["layers"]) == 14
     fresh_strat = build_strategy({"name": "qalora", "bits": 4, "rank": 4, "alpha": 12, "pooling": "sum"})
     fresh = tiny_llama()

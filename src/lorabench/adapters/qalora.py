@@ -1,12 +1,14 @@
 """QA-LoRA's variant of the LoRA layer: the adapter sees the input pooled over each
 quantization group, so its update folds into the INT-N base's zero points.
 
-`y = Wq x + (α/r) · B(A(pool(dropout(x))))`, pool = mean (official code) or sum (the paper's
+`y = Wq x + (α/r) · B(A(dropout(pool(x))))`, pool = mean (official code) or sum (the paper's
 Algorithm 1) over each group of g consecutive input features, g = the quantization group.
+Dropout after pooling is the official code's order (its mask is in/g wide, not in wide);
+`dropout_position=before_pool` gives PEFT's `pool(dropout(x))`.
 The update then depends on x only through group aggregates, so its weight change is constant
 inside each (group, output) cell (docs/qalora.md#merge-into-the-zero-points):
 mean: `z' = z − (α/r)(BA)ᵀ / (g·s)`; sum: `z' = z − (α/r)(BA)ᵀ / s`. q and s stay bitwise;
-z' is held in fp16 (the only rounding the merge adds).
+z' is held in fp32 (exact up to float rounding) or, by choice, fp16 (`strategy.merged_zeros`).
 """
 
 from __future__ import annotations
@@ -21,22 +23,28 @@ from torch import nn
 
 from lorabench.adapters.lora import LoRALinear, LoraVariant, inject_lora, lora_layers
 from lorabench.errors import ConfigError
-from lorabench.quant.intn import IntNLinear
+from lorabench.quant.intn import FLOAT_ZEROS, IntNLinear
 from lorabench.utils import atomic_write_text
 
 POOLINGS = ("mean", "sum")
-FP16_EXACT_QUARTER = 1024.0  # below this magnitude fp16 rounds a value by at most 1/4
+DROPOUT_POSITIONS = ("after_pool", "before_pool")  # official code: dropout(pool(x)) | PEFT: pool(dropout(x))
 
 
 class QALoRAVariant(LoraVariant):
     """Group pooling before A (A is r × in/g, xavier-uniform as the official code); merge into zeros."""
 
     def __init__(self, base_layer: nn.Module, pooling: str = "sum", group_size: Optional[int] = None,
-                 name: str = "layer") -> None:
+                 name: str = "layer", dropout_position: str = "after_pool", merged_zeros: str = "fp32") -> None:
         check_pooling_target(base_layer, group_size, name)
         if pooling not in POOLINGS:
             raise ConfigError(f"strategy.pooling: expected one of {list(POOLINGS)}, got '{pooling}'")
+        if dropout_position not in DROPOUT_POSITIONS:
+            raise ConfigError(f"strategy.dropout_position: expected one of {list(DROPOUT_POSITIONS)}, got '{dropout_position}'")
+        if merged_zeros not in FLOAT_ZEROS:
+            raise ConfigError(f"strategy.merged_zeros: expected one of {list(FLOAT_ZEROS)}, got '{merged_zeros}'")
         self.pooling = pooling
+        self.merged_zeros = merged_zeros
+        self.dropout_position = dropout_position
         self.group_size = base_layer.group_size
         self.n_groups = base_layer.in_features // self.group_size
         self.zeros_were_integer = False  # set by merge: unmerge then restores packed integer zeros
@@ -52,6 +60,12 @@ class QALoRAVariant(LoraVariant):
         grouped = x.reshape(*x.shape[:-1], self.n_groups, self.group_size)
         return grouped.mean(-1) if self.pooling == "mean" else grouped.sum(-1)
 
+    def dropped_input(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+        """dropout(pool(x)) (official code; the saved mask is in/g wide) or pool(dropout(x)) (PEFT)."""
+        if self.dropout_position == "after_pool":
+            return layer.lora_dropout(self.adapter_input(layer, x))
+        return self.adapter_input(layer, layer.lora_dropout(x))
+
     def pooled_delta(self, layer: LoRALinear) -> torch.Tensor:
         """(α/r)·B@A, (out, in/g) in fp32, divided by g for mean pooling: the weight change of
         every input inside one group."""
@@ -64,25 +78,28 @@ class QALoRAVariant(LoraVariant):
 
     def merge(self, layer: LoRALinear) -> None:
         """s·(q − z') = s·(q − z) + ΔW gives z' = z − ΔW/s; q and s are not touched. z' is
-        fractional, so the base switches to fp16 zero points (computed in fp32, rounded once)."""
+        fractional, so the base switches to float zero points: computed in fp32 and held so
+        (`merged_zeros=fp32`) or rounded once to fp16."""
         base = layer.base_layer
         self.zeros_were_integer = not base.fractional_zeros
-        base.set_fractional_zeros(base.zero_points() - self.pooled_delta(layer).t() / base.scales.float())
+        z = base.zero_points() - self.pooled_delta(layer).t() / base.scales.float()
+        base.set_fractional_zeros(z, FLOAT_ZEROS[self.merged_zeros])
 
     def unmerge(self, layer: LoRALinear) -> None:
         """z = z' + ΔW/s. Integer zeros before the merge are restored exactly (packed again)
-        when fp16 held z' to within 1/4 (|z'| < 1024: half an fp16 step is ≤ 1/4 there), so
-        rounding recovers the integers; otherwise z stays fractional (fp16)."""
+        when the float held z' to within 1/4 (|z'| < 1/eps: 1024 for fp16, 2^23 for fp32, where
+        half a step is ≤ 1/4), so rounding recovers the integers; otherwise z stays fractional."""
         base = layer.base_layer
         held = base.zero_points()
+        dtype = base.zeros.dtype
         z = held + self.pooled_delta(layer).t() / base.scales.float()
         maxq = (1 << base.bits) - 1
         zr = z.round()
-        if (self.zeros_were_integer and bool((held.abs() < FP16_EXACT_QUARTER).all())
+        if (self.zeros_were_integer and bool((held.abs() < 1 / torch.finfo(dtype).eps).all())
                 and bool(((zr >= 0) & (zr <= maxq)).all())):
             base.set_integer_zeros(zr)
         else:
-            base.set_fractional_zeros(z)
+            base.set_fractional_zeros(z, dtype)
 
 
 def check_pooling_target(layer: nn.Module, group_size: Optional[int], name: str) -> None:
@@ -113,6 +130,8 @@ def inject_qalora(
     dropout: float = 0.0,
     pooling: str = "sum",
     group_size: Optional[int] = None,
+    dropout_position: str = "after_pool",
+    merged_zeros: str = "fp32",
 ) -> list[str]:
     """Freeze `model` and wrap every targeted IntNLinear in a pooled LoRA layer; return the names.
 
@@ -120,7 +139,7 @@ def inject_qalora(
     """
     return inject_lora(
         model, target_modules, rank, alpha, dropout,
-        variant=lambda name, base: QALoRAVariant(base, pooling, group_size, name),
+        variant=lambda name, base: QALoRAVariant(base, pooling, group_size, name, dropout_position, merged_zeros),
     )
 
 
@@ -139,12 +158,13 @@ POOL_EQUATION = {
 }
 
 
-def forward_equation(pooling: str) -> str:
+def forward_equation(pooling: str, dropout_position: str = "after_pool") -> str:
     """The function the saved adapter computes, as text a reader can reimplement."""
+    where = "after pooling (on pool(x))" if dropout_position == "after_pool" else "to x before pooling"
     return (
         "y = W_q x + (lora_alpha / r) * B (A pool(x)); " + POOL_EQUATION[pooling]
         + "; g = group_size; W_q[o, i] = scales[i // g, o] * (codes[o, i] - zeros[i // g, o]) "
-        "(INT-N, bits, RTN codes of the base model); lora_dropout applies to x before pooling, in training only"
+        f"(INT-N, bits, RTN codes of the base model); lora_dropout applies {where}, in training only"
     )
 
 
@@ -166,7 +186,7 @@ def save_qalora_adapter(out_dir: Path, layers: list[tuple[str, LoRALinear]], con
     tmp.replace(out_dir / ADAPTER_WEIGHTS)
     meta = {
         "format": QALORA_FORMAT,
-        "forward": forward_equation(config["pooling"]),
+        "forward": forward_equation(config["pooling"], config.get("dropout_position", "after_pool")),
         **config,
         "layers": [name for name, _ in layers],
     }

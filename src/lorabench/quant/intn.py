@@ -4,8 +4,9 @@
 (group of g consecutive input features, output). Stored as GPTQ stores it: codes q ∈ [0, 2^N − 1]
 bit-packed (8 codes in N bytes), fp16 scales, and integer zero points packed the same way
 (N bits each): `N + 16/g + N/g` bits per weight. QA-LoRA's merge moves the zero points to
-fractional values; the layer then holds them in fp16 instead (`N + 32/g` bits per weight),
-as the official code does (docs/qalora.md#storage).
+fractional values; the layer then holds them as floats: fp32 (`N + 48/g` bits per weight, the
+merge exact up to float rounding) or fp16 as the official code (`N + 32/g`, rounds z')
+(docs/qalora.md#storage).
 
 The forward is a custom autograd function that saves only the packed state and dequantizes
 again in backward, as bitsandbytes' and GPTQ's kernels do, so no dense float weight lives
@@ -28,6 +29,7 @@ from lorabench.errors import ConfigError
 from lorabench.memory import LayerBytes, register_accounting
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+FLOAT_ZEROS = {"fp32": torch.float32, "fp16": torch.float16}  # layouts of fractional zero points
 CODES_PER_CHUNK = 8  # 8 codes of `bits` bits fill exactly `bits` bytes, for every supported width
 
 
@@ -66,7 +68,7 @@ class IntNShape:
 
 
 def zero_points(zeros: torch.Tensor, shape: IntNShape) -> torch.Tensor:
-    """(L, out) fp32 zero points from either layout: packed N-bit integers (uint8) or fp16."""
+    """(L, out) fp32 zero points from any layout: packed N-bit integers (uint8), fp16 or fp32."""
     if zeros.dtype == torch.uint8:
         return unpack_codes(zeros, shape.bits, shape.out_features).float()
     return zeros.float()
@@ -113,7 +115,7 @@ class IntNLinear(nn.Module):
     and QA-LoRA's merge needs exactly those zero points. Buffers: `qweight` (packed codes,
     uint8, out × ⌈in/8⌉·N), `scales` (L × out, fp16), the zero points either as `qzeros`
     (packed N-bit integers, uint8, L × ⌈out/8⌉·N) or, once fractional (after a QA-LoRA merge),
-    as `zeros` (L × out, fp16) — exactly one of the two is set — and an optional float `bias`.
+    as `zeros` (L × out, fp32 or fp16) — exactly one of the two is set — and an optional float `bias`.
     Nothing here trains. There is deliberately no `.weight`: code that would write into it
     (a float LoRA merge) must fail loudly, not update a temporary.
     """
@@ -130,6 +132,7 @@ class IntNLinear(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: Optional[torch.device] = None,
         fractional_zeros: bool = False,
+        zeros_dtype: torch.dtype = torch.float16,
     ) -> None:
         super().__init__()
         check_bits(bits)
@@ -148,7 +151,7 @@ class IntNLinear(nn.Module):
         self.register_buffer("qzeros", None)
         self.register_buffer("zeros", None)
         if fractional_zeros:
-            self.zeros = torch.zeros(n_groups, out_features, dtype=torch.float16, device=device)
+            self.zeros = torch.zeros(n_groups, out_features, dtype=zeros_dtype, device=device)
         else:
             self.qzeros = torch.zeros(n_groups, packed_width(out_features, bits), dtype=torch.uint8, device=device)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
@@ -184,8 +187,15 @@ class IntNLinear(nn.Module):
 
     @property
     def fractional_zeros(self) -> bool:
-        """True once the zero points are held in fp16 (after a QA-LoRA merge)."""
+        """True once the zero points are held as floats (after a QA-LoRA merge, or hqq codes)."""
         return self.zeros is not None
+
+    @property
+    def zero_layout(self) -> str:
+        """`packed` (N-bit integers), `fp16` or `fp32`: how the zero points are held."""
+        if self.zeros is None:
+            return "packed"
+        return next(k for k, v in FLOAT_ZEROS.items() if v == self.zeros.dtype)
 
     def zero_tensor(self) -> torch.Tensor:
         """The stored zero points, whichever layout holds them."""
@@ -208,15 +218,17 @@ class IntNLinear(nn.Module):
         self.zeros = None
 
     @torch.no_grad()
-    def set_fractional_zeros(self, z: torch.Tensor) -> None:
-        """Hold (fractional) zero points in fp16 (drops the packed integers)."""
-        z16 = z.to(device=self.scales.device, dtype=torch.float16)
-        if z16.shape != (self.n_groups, self.out_features):
-            raise ValueError(f"zero points must be ({self.n_groups}, {self.out_features}), got {tuple(z16.shape)}")
-        if not bool(torch.isfinite(z16).all()):
+    def set_fractional_zeros(self, z: torch.Tensor, dtype: torch.dtype = torch.float16) -> None:
+        """Hold (fractional) zero points as `dtype`, fp16 or fp32 (drops the packed integers)."""
+        if dtype not in FLOAT_ZEROS.values():
+            raise ValueError(f"fractional zero points are fp16 or fp32, got {dtype}")
+        zf = z.to(device=self.scales.device, dtype=dtype)
+        if zf.shape != (self.n_groups, self.out_features):
+            raise ValueError(f"zero points must be ({self.n_groups}, {self.out_features}), got {tuple(zf.shape)}")
+        if not bool(torch.isfinite(zf).all()):
             worst = float(z.abs().max())
-            raise ConfigError(f"strategy.merge: a merged zero point reaches {worst:.4g}, beyond fp16's range")
-        self.zeros = z16
+            raise ConfigError(f"strategy.merge: a merged zero point reaches {worst:.4g}, beyond {dtype}'s range")
+        self.zeros = zf
         self.qzeros = None
 
     def codes(self) -> torch.Tensor:
@@ -235,7 +247,7 @@ class IntNLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, bias={self.bias is not None}, "
-            f"zeros={'fp16' if self.fractional_zeros else 'packed'}"
+            f"zeros={self.zero_layout}"
         )
 
 
@@ -284,12 +296,12 @@ def quantize_intn(
 def intn_layer_bytes(m: IntNLinear) -> LayerBytes:
     """Exact, from the format: packed codes (N/8 B per weight, rows padded to whole 8-code
     chunks), fp16 scales (2 B per group and output), zero points packed N bits each
-    (rows of `out` padded the same way) or, once fractional, fp16 (2 B each), and the bias."""
+    (rows of `out` padded the same way) or, once fractional, fp16 or fp32 (2 or 4 B each), and the bias."""
     n = m.in_features * m.out_features
     code_bytes = m.out_features * packed_width(m.in_features, m.bits)
     scale_bytes = 2 * m.n_groups * m.out_features
     if m.fractional_zeros:
-        zero_bytes = 2 * m.n_groups * m.out_features
+        zero_bytes = m.zeros.element_size() * m.n_groups * m.out_features
     else:
         zero_bytes = m.n_groups * packed_width(m.out_features, m.bits)
     tensors = [m.qweight, m.scales, m.zero_tensor()]

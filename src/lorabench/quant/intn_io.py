@@ -1,6 +1,6 @@
 """A model with INT-N linears on disk: the HF `config.json`, every tensor in `model.safetensors`
-(codes packed, fp16 scales, zero points as held: packed N-bit integers, or fp16 once a merge
-made them fractional), and `intn_config.json` naming the INT-N layers and their zero layout.
+(codes packed, fp16 scales, zero points as held: packed N-bit integers, or fp32/fp16 once a
+merge made them fractional), and `intn_config.json` naming the INT-N layers and their zero layout.
 
 Hand-written because no format that standard loaders read holds fractional zero points with
 this harness's packing (docs/qalora.md#storage); the layout is self-describing and loads strictly.
@@ -18,7 +18,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from lorabench.errors import ConfigError
-from lorabench.quant.intn import IntNLinear, intn_layer_bytes
+from lorabench.quant.intn import FLOAT_ZEROS, IntNLinear, intn_layer_bytes
 from lorabench.surgery import replace_module
 from lorabench.utils import atomic_write_text
 
@@ -34,7 +34,7 @@ def save_intn_model(model: nn.Module, path: Path, extra: Optional[dict[str, Any]
     layers = {
         n: {"in_features": m.in_features, "out_features": m.out_features, "bits": m.bits,
             "group_size": m.group_size, "bias": m.bias is not None,
-            "zeros": "fp16" if m.fractional_zeros else "packed"}
+            "zeros": m.zero_layout}
         for n, m in model.named_modules()
         if isinstance(m, IntNLinear)
     }
@@ -71,7 +71,8 @@ def load_intn_model(path: Path, device: Optional[torch.device] = None) -> nn.Mod
         replace_module(
             model, name,
             IntNLinear(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
-                       spec["bias"], dtype=dtype, fractional_zeros=spec["zeros"] == "fp16"),
+                       spec["bias"], dtype=dtype, fractional_zeros=spec["zeros"] in FLOAT_ZEROS,
+                       zeros_dtype=FLOAT_ZEROS.get(spec["zeros"], torch.float16)),
         )
     check_tensors(model, path / "model.safetensors")
     load_model(model, str(path / "model.safetensors"), strict=True)
@@ -81,7 +82,7 @@ def load_intn_model(path: Path, device: Optional[torch.device] = None) -> nn.Mod
     return model
 
 
-ZERO_LAYOUTS = ("packed", "fp16")  # intn_config.json `zeros`: N-bit packed integers | fp16 (after a merge)
+ZERO_LAYOUTS = ("packed", *FLOAT_ZEROS)  # intn_config.json `zeros`: N-bit packed integers | fp32 | fp16 (after a merge)
 
 
 def check_tensors(model: nn.Module, file: Path) -> None:

@@ -15,11 +15,11 @@ from typing import Any, Optional
 from torch import nn
 
 from lorabench.adapters.lora import merge_and_unload
-from lorabench.adapters.qalora import POOLINGS, inject_qalora, qalora_layers, save_qalora_adapter
+from lorabench.adapters.qalora import DROPOUT_POSITIONS, POOLINGS, inject_qalora, qalora_layers, save_qalora_adapter
 from lorabench.errors import ConfigError
 from lorabench.quant import BaseFormat
 from lorabench.quant.code_quantizers import CODE_QUANTIZERS
-from lorabench.quant.intn import SUPPORTED_BITS
+from lorabench.quant.intn import FLOAT_ZEROS, SUPPORTED_BITS
 from lorabench.quant.intn_io import intn_model_bytes, load_intn_model, save_intn_model
 from lorabench.strategies.base import Strategy, StrategyConfig, check_rank_and_dropout
 from lorabench.strategies.registry import register
@@ -38,10 +38,12 @@ class QALoRAConfig(StrategyConfig):
     pooling: str = "sum"  # sum (paper's Algorithm 1; learns best here) | mean (official code; 7-25% at lr 1e-2..1e-1): docs/qalora.md#pooling
     rank: int = 8  # r: rank of the pooled update B@A
     alpha: float = 16.0  # α: the update is scaled by α/r
-    dropout: float = 0.0  # dropout on the adapter input (before pooling)
+    dropout: float = 0.0  # dropout on the adapter's input (where: dropout_position)
+    dropout_position: str = "after_pool"  # after_pool: dropout(pool(x)), official code, mask in/g wide | before_pool: PEFT's pool(dropout(x))
     target_modules: Any = "all-linear"  # linears that get pooled adapters: 'all-linear' or a list of names (q_proj, ...)
     quantize_modules: Any = "all-linear"  # linears quantized to INT-N: the whole decoder, as the paper (must include the targets)
     merge: str = "zeros"  # none | zeros: fold the adapter into the zero points, save, reload and score
+    merged_zeros: str = "fp32"  # merged zero points held as fp32 (merged = unmerged, N + 48/g bits/weight) | fp16 (official code, N + 32/g, rounds z'): docs/qalora.md#storage
 
     merge_choices = ("none", "zeros")
 
@@ -54,6 +56,10 @@ class QALoRAConfig(StrategyConfig):
         if self.pooling not in POOLINGS:
             raise ConfigError(f"strategy.pooling: expected one of {list(POOLINGS)}, got '{self.pooling}'")
         check_rank_and_dropout(self.rank, self.dropout)
+        if self.dropout_position not in DROPOUT_POSITIONS:
+            raise ConfigError(f"strategy.dropout_position: expected one of {list(DROPOUT_POSITIONS)}, got '{self.dropout_position}'")
+        if self.merged_zeros not in FLOAT_ZEROS:
+            raise ConfigError(f"strategy.merged_zeros: expected one of {list(FLOAT_ZEROS)}, got '{self.merged_zeros}'")
         if self.merge not in self.merge_choices:
             raise ConfigError(f"strategy.merge: expected one of {list(self.merge_choices)}, got '{self.merge}'")
 
@@ -65,7 +71,7 @@ class QALoRA(Strategy):
     name = "qalora"
     config_class = QALoRAConfig
     label_keys = {"bits": "int", "rank": "r", "pooling": ""}
-    lossless_merge = {"merge": "zeros"}  # exact up to the fp16 rounding of the merged zero points
+    lossless_merge = {"merge": "zeros", "merged_zeros": "fp32"}  # fp32 zeros: exact up to float rounding
 
     def base_format(self) -> Optional[BaseFormat]:
         c = self.cfg
@@ -76,7 +82,8 @@ class QALoRA(Strategy):
     def wrap(self, model: nn.Module) -> nn.Module:
         c = self.cfg
         self.adapted = inject_qalora(
-            model, c.target_modules, c.rank, c.alpha, c.dropout, c.pooling, group_size=c.group_size
+            model, c.target_modules, c.rank, c.alpha, c.dropout, c.pooling, group_size=c.group_size,
+            dropout_position=c.dropout_position, merged_zeros=c.merged_zeros,
         )
         return model
 
@@ -93,7 +100,8 @@ class QALoRA(Strategy):
             return None
         merged = self.merge_to_intn(model)
         path = Path(out_dir) / MERGED_DIR
-        save_intn_model(merged, path, extra={"merged_from": "qalora", "pooling": self.cfg.pooling})
+        save_intn_model(merged, path, extra={"merged_from": "qalora", "pooling": self.cfg.pooling,
+                                             "merged_zeros": self.cfg.merged_zeros})
         device = next(iter(merged.buffers())).device
         reloaded = load_intn_model(path, device=device)
         reloaded.train(model.training)
@@ -102,8 +110,9 @@ class QALoRA(Strategy):
 
     def final_metrics(self, model: nn.Module) -> dict[str, float]:
         """Bytes of the merged INT-N model as reloaded from its file (packed codes, fp16 scales,
-        fp16 zeros, unquantized parts; tied tensors once) vs the same model with every weight in
-        16-bit; absent with merge=none. The merge costs bytes: N-bit zeros become fp16."""
+        fp32 or fp16 zeros, unquantized parts; tied tensors once) vs the same model with every
+        weight in 16-bit; absent with merge=none. The merge costs bytes: N-bit zeros become
+        floats, (32 − N)/g bits per weight with fp32 zeros, (16 − N)/g with fp16."""
         return dict(getattr(self, "merged_bytes", {}))
 
     def save_artifacts(self, model: nn.Module, out_dir: Path) -> None:
@@ -123,5 +132,6 @@ class QALoRA(Strategy):
             "lora_alpha": c.alpha,
             "scaling": layers[0][1].scaling if layers else c.alpha / c.rank,
             "lora_dropout": c.dropout,
+            "dropout_position": c.dropout_position,
         }
         save_qalora_adapter(Path(out_dir) / ADAPTER_DIR, layers, config)
