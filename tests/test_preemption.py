@@ -388,3 +388,45 @@ def test_sigint_while_a_resume_loads_names_the_checkpoint_on_disk(tmp_path: Path
     with pytest.raises(Interrupted) as e:
         run_tiny(tmp_path, *RESUMABLE)
     assert str(e.value) == f"interrupted at step 1; the last checkpoint is step 1 in {tmp_path}"
+
+
+# ---- SIGKILL: the W&B history of the resumed run equals an uninterrupted run's -------------------------
+KILLED = [*TINY, "trainer.max_steps=12", "trainer.checkpoint_every=4", "trainer.eval_every=4", "trainer.log_every=2",
+          "trainer.threads=1", "logger=wandb", "extras.print_config=false"]
+
+
+def history_without_timing(run_dir: Path) -> list[dict]:
+    """merged_history's rows, without the fields that differ between two runs of the same job."""
+    from lorabench.wandb_offline import merged_history
+
+    timing = ("_runtime", "_timestamp", "_seconds", "_per_second")
+    return [{k: v for k, v in r.items() if not k.endswith(timing)} for r in merged_history(run_dir, wait_for_exit=60)]
+
+
+@pytest.mark.slow
+def test_sigkill_past_a_checkpoint_leaves_no_hole_in_the_wandb_history(tmp_path: Path, spawn) -> None:
+    """SIGKILLed mid step 7 (checkpoint at 4; steps 2, 4, 6 logged): the rows its W&B service had
+    not written are lost with it, the checkpoint's among them. The rerun rewinds W&B to the last
+    row the local record holds and logs metrics.jsonl's rows after it again: the merged history is
+    the uninterrupted run's, row for row and value for value (timing fields aside)."""
+    from lorabench.wandb_offline import find_offline_runs, read_offline_run
+
+    hook = signal_hook(tmp_path)
+    run_dir, straight = tmp_path / "run", tmp_path / "straight"
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONPATH": f"{hook}{os.pathsep}{REPO}", "WANDB_SILENT": "true"}
+    cmd = [sys.executable, "-m", "lorabench", *KILLED]
+    killed = spawn([*cmd, f"hydra.run.dir={run_dir}"], env={**env, "LORABENCH_TEST_SIGNALS": "run:6:SIGKILL"}, cwd=REPO,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert killed.wait() == -signal.SIGKILL
+    assert [r["step"] for r in rows(run_dir) if "train/loss" in r] == [2, 4, 6]
+    first = read_offline_run(find_offline_runs(run_dir)[0])
+    lost = [s for s in (0, 2, 4) if s not in [h["_step"] for h in first["history"]]]
+    proc = spawn([*cmd, f"hydra.run.dir={run_dir}"], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                 stderr=subprocess.PIPE, text=True)
+    assert proc.wait() == 0, proc.stderr.read()[-3000:]
+    run_tiny(straight, *KILLED)  # the same job, uninterrupted (in this process: the same numbers)
+    resumed = history_without_timing(run_dir)
+    assert [r["_step"] for r in resumed] == [0, 2, 4, 6, 8, 10, 12]
+    assert resumed == history_without_timing(straight)
+    print(f"rows of steps <= 4 the kill lost from the W&B record: {lost}; merged history steps "
+          f"{[r['_step'] for r in resumed]}")

@@ -148,3 +148,38 @@ def test_ctrl_c_is_interrupted_and_a_completed_resume_leaves_no_error(tmp_path: 
     assert not (tmp_path / "error.txt").exists()
     steps = [r["step"] for r in _rows(tmp_path) if "train/loss" in r]
     assert steps == list(range(1, 13))  # each step once, across three attempts
+
+
+def test_rows_the_wandb_record_lost_are_logged_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local W&B record lost its tail (as a SIGKILL leaves it: a torn last record, and rows
+    before the checkpoint's step missing): the rerun rewinds to the last row it holds, K < the
+    checkpoint's step 8, and logs metrics.jsonl's rows after K again, so the merged history equals
+    metrics.jsonl row for row."""
+    from lorabench.wandb_offline import find_offline_runs, merged_history, read_offline_run
+
+    _crash_at(monkeypatch, 10, Interrupted("killed"))
+    with pytest.raises(Interrupted):
+        run_tiny(tmp_path, *RESUMABLE, "logger=wandb")
+    monkeypatch.undo()
+    path = find_offline_runs(tmp_path)[0]
+    read_offline_run(path, wait_for_exit=60)
+    raw = path.read_bytes()
+    size = len(raw)
+    while size > 0:  # cut the record mid-way through its rows, not at a record boundary
+        size -= 37
+        path.write_bytes(raw[:size])
+        kept = [h["_step"] for h in read_offline_run(path)["history"]]
+        if kept and max(kept) < 6:
+            break
+    assert kept == list(range(max(kept) + 1))  # the rows before the cut are all there
+    run_tiny(tmp_path, *RESUMABLE, "logger=wandb")
+    second = read_offline_run(find_offline_runs(tmp_path)[1], wait_for_exit=60)
+    assert second["run"]["branch_point"]["value"] == max(kept)
+    history = merged_history(tmp_path)
+    by_step: dict[int, dict] = {}
+    for r in _rows(tmp_path):
+        by_step.setdefault(r["step"], {}).update(r)
+    assert [h["_step"] for h in history] == sorted(by_step)  # every step once: no hole, nothing twice
+    for h in history:
+        assert {k: h[k] for k in ("train/loss", "eval/loss") if k in h} == \
+            {k: by_step[h["_step"]][k] for k in ("train/loss", "eval/loss") if k in by_step[h["_step"]]}

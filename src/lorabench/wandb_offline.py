@@ -3,7 +3,8 @@
 Hand-written because wandb ≥0.2x no longer ships a Python reader for its transaction
 log: the file is a LevelDB-style log (7-byte file header ":W&B" + magic + version, then
 32 KiB blocks of records, each with a 7-byte header: crc32, length, type FULL/FIRST/
-MIDDLE/LAST) whose payloads are `wandb_internal_pb2.Record` protobufs.
+MIDDLE/LAST) whose payloads are `wandb_internal_pb2.Record` protobufs. A file whose writer
+was killed (SIGKILL, OOM) ends in a torn record: reading stops before it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import struct
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 BLOCK = 32768
 FILE_HEADER = struct.Struct("<4sHB")
@@ -38,6 +39,8 @@ def iter_payloads(path: Path | str) -> Iterator[bytes]:
             pos += left_in_block - RECORD_HEADER.size
             continue
         chunk = raw[pos : pos + length]
+        if len(chunk) < length:  # a torn tail: the writer was killed mid-record
+            return
         pos += length
         if kind == FULL:
             yield chunk
@@ -107,15 +110,23 @@ def find_offline_runs(run_dir: Path | str) -> list[Path]:
     return sorted(Path(run_dir).glob("wandb/*run-*/run-*.wandb"))
 
 
-def merged_history(run_dir: Path | str, wait_for_exit: float = 0.0) -> list[dict[str, Any]]:
+def merged_history(run_dir: Path | str, wait_for_exit: float = 0.0, run_id: Optional[str] = None) -> list[dict[str, Any]]:
     """The history a W&B server shows for the run in `run_dir` once its segments are synced:
     each segment that rewinds its run (`resume_from="<id>?_step=N"`: a branch point on `_step`
-    of the same run) first drops the rows after step N, then appends its own."""
+    of the same run) first drops the rows after step N, then appends its own.
+
+    `run_id`: whose segments (default: the run of the newest segment; a run dir that started
+    over holds the segments of an earlier run too)."""
     rows: list[dict[str, Any]] = []
     segments = [read_offline_run(p, wait_for_exit=wait_for_exit) for p in find_offline_runs(run_dir)]
-    for seg in sorted(segments, key=lambda seg: seg["run"].get("start_ns", 0)):  # in the order they ran
+    segments = sorted(segments, key=lambda seg: seg["run"].get("start_ns", 0))  # in the order they ran
+    if run_id is None and segments:
+        run_id = segments[-1]["run"].get("id")
+    for seg in segments:
+        if seg["run"].get("id") != run_id:
+            continue
         bp = seg["run"].get("branch_point")
-        if bp and bp["metric"] == "_step" and bp["run"] == seg["run"]["id"]:
+        if bp and bp["metric"] == "_step" and bp["run"] == run_id:
             rows = [r for r in rows if r.get("_step", 0) <= bp["value"]]
         rows += seg["history"]
     return rows
