@@ -274,3 +274,26 @@ def peak_bytes(device: torch.device | str) -> Optional[int]:
     except OSError:
         return None
     return None
+
+
+def peak_reserved_bytes(device: torch.device | str) -> Optional[int]:
+    """CUDA's peak reserved bytes (allocator cache included) since the last `reset_peak(device)`;
+    None on CPU (RSS already counts what the allocator holds) or without a reset."""
+    key = device_key(device)
+    if key not in PEAK_RESET or not key.startswith("cuda"):
+        return None
+    return int(torch.cuda.max_memory_reserved(key))
+
+
+PHASE_STEMS = {"load": "peak_load", "train": "peak", "merge": "peak_merge"}  # phase -> summary key stem
+
+
+def phase_peaks(device: torch.device | str, phase: str) -> dict[str, Optional[int]]:
+    """The phase's peak since the last reset, as summary keys: `memory/<stem>_bytes` (None where
+    the counter cannot be reset) and, on CUDA, `memory/<stem>_reserved_bytes`."""
+    stem = PHASE_STEMS[phase]
+    out: dict[str, Optional[int]] = {f"memory/{stem}_bytes": peak_bytes(device)}
+    reserved = peak_reserved_bytes(device)
+    if reserved is not None:
+        out[f"memory/{stem}_reserved_bytes"] = reserved
+    return out

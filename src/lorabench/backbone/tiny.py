@@ -23,7 +23,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from lorabench.data.synthetic import CORPUS_DIFFICULTY
-from lorabench.data.tokenizer import VOCAB_VERSION, CharTokenizer, HFTokenizer
+from lorabench.data.tokenizer import VOCAB_VERSION, CharTokenizer, HFTokenizer, Tokenizer
 from lorabench.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -130,31 +130,34 @@ def verify_files(path: Path, record: dict[str, Any]) -> None:
             )
 
 
-def load_shipped(device: torch.device) -> tuple[LlamaForCausalLM, HFTokenizer]:
-    """The shipped backbone and its tokenizer, after checking every file's sha256."""
-    record = shipped_record()
-    if record is None:
-        raise ConfigError(f"model: no shipped backbone in {SHIPPED_DIR}; rebuild it with `{REBUILD}`")
-    verify_files(SHIPPED_DIR, record)
-    model = LlamaForCausalLM.from_pretrained(SHIPPED_DIR, dtype=torch.float32)
-    tok = HFTokenizer(AutoTokenizer.from_pretrained(SHIPPED_DIR))
-    return model.to(device), tok
+def tiny_weights(cfg: Any) -> tuple[Optional[Path], Tokenizer]:
+    """The dir holding the tiny backbone's weights (None: a seeded random init) and its tokenizer.
 
-
-def load_tiny(cfg: Any, seed: int, device: torch.device) -> tuple[LlamaForCausalLM, HFTokenizer]:
-    """The tiny backbone: random (pretrain_steps=0, seeded by the run's seed), shipped, or cached."""
+    The shipped files are checked against their recorded sha256 first.
+    """
     if is_shipped(cfg):
-        return load_shipped(device)
+        record = shipped_record()
+        if record is None:
+            raise ConfigError(f"model: no shipped backbone in {SHIPPED_DIR}; rebuild it with `{REBUILD}`")
+        verify_files(SHIPPED_DIR, record)
+        return SHIPPED_DIR, HFTokenizer(AutoTokenizer.from_pretrained(SHIPPED_DIR))
     tok = CharTokenizer(cfg.max_position_embeddings)
-    config = tiny_llama_config(cfg, tok.vocab_size)
+    tiny_llama_config(cfg, tok.vocab_size)  # refuses widths the quantization groups cannot split
     if cfg.pretrain_steps == 0:
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(config).to(device), tok
+        return None, tok
     path = pretrained_dir(cfg)
     if not is_pretrained(path):
         raise ConfigError(
             f"model: no pretrained tiny backbone at {path}; a `lorabench` job pretrains it first "
             "(lorabench.training.pretrain.prepare_backbone)"
         )
-    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
-    return model, tok
+    return path, tok
+
+
+def load_tiny(cfg: Any, seed: int, device: torch.device) -> tuple[LlamaForCausalLM, Tokenizer]:
+    """The tiny backbone in fp32: random (pretrain_steps=0, seeded by the run's seed), shipped, or cached."""
+    path, tok = tiny_weights(cfg)
+    if path is None:
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(tiny_llama_config(cfg, tok.vocab_size)).to(device), tok
+    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).to(device), tok

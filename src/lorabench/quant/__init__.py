@@ -45,10 +45,16 @@ def register_quantizer(method: str) -> Callable[[Quantizer], Quantizer]:
     return QUANTIZERS.register(method)
 
 
-def quantize_backbone(model: nn.Module, fmt: BaseFormat) -> list[str]:
-    """Replace the linears `fmt.target_modules` names with `fmt.method`'s quantized layers."""
+def quantizer_for(method: str) -> Quantizer:
+    """The registered quantizer of `method` (the built-in formats imported first)."""
     _load_formats()
-    quantizer = QUANTIZERS.get(fmt.method)
+    return QUANTIZERS.get(method)
+
+
+def quantize_backbone(model: nn.Module, fmt: BaseFormat) -> list[str]:
+    """Replace the linears `fmt.target_modules` names with `fmt.method`'s quantized layers
+    (`lorabench.quant.stream_load` calls the same quantizer while reading a checkpoint)."""
+    quantizer = quantizer_for(fmt.method)
     names = find_target_linears(model, fmt.target_modules, key=fmt.key)
     quantizer(model, names, **fmt.options)
     return names
@@ -64,4 +70,4 @@ def _load_formats() -> None:
         pass
 
 
-__all__ = ["BaseFormat", "QUANTIZERS", "quantize_backbone", "register_quantizer"]
+__all__ = ["BaseFormat", "QUANTIZERS", "quantize_backbone", "quantizer_for", "register_quantizer"]

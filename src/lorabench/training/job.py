@@ -143,14 +143,15 @@ def _train_rank(cfg: DictConfig, device: torch.device, strategy: Strategy, dist:
     return {"rank": dist.rank, "train/steps": trainer.state.step}
 
 
-def wrap_model(strategy: Strategy, model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Quantize the backbone to the strategy's base format, then let the strategy wrap it.
+def wrap_model(strategy: Strategy, model: torch.nn.Module, seed: int, quantize: bool = True) -> torch.nn.Module:
+    """Quantize the backbone to the strategy's base format (unless `quantize=False`: it was
+    quantized while loading), then let the strategy wrap it.
 
     Adapter init depends on the seed only, not on backbone loading; a strategy that fails
     while wrapping is reported in one line naming it.
     """
     fmt = strategy.base_format()
-    if fmt is not None:
+    if fmt is not None and quantize:
         quantize_backbone(model, fmt)
     seed_everything(seed)
     try:
@@ -171,8 +172,8 @@ def build_trainer(
     strategy = strategy or build_strategy(cfg.strategy, seed=cfg.seed)
     prepare_backbone(cfg.model, device)
     seed_everything(cfg.seed)
-    model, tok = load_backbone(cfg.model, cfg.seed, device)
-    model = wrap_model(strategy, model, cfg.seed)
+    model, tok = load_backbone(cfg.model, cfg.seed, device, strategy.base_format())  # quantized while loading
+    model = wrap_model(strategy, model, cfg.seed, quantize=False)
     model.to(device)
     data = build_task(cfg.task, tok, cfg.seed)
     acct = memory.account_model(model)  # logged now; the summary's figures are taken after the first step
@@ -190,9 +191,11 @@ def build_trainer(
 def _train(trainer: Trainer) -> dict[str, Any]:
     """Fit, score the merged model, write the artifacts; returns the summary's figures."""
     model, strategy, run_dir, device = trainer.model, trainer.strategy, trainer.run_dir, trainer.device
+    peaks = memory.phase_peaks(device, "load")  # since job start: loading, quantizing, wrapping the backbone
+    memory.reset_peak(device)
     trainer.setup()
     final = trainer.fit()
-    peaks = {"memory/peak_bytes": memory.peak_bytes(device)}  # training's peak, before any merge
+    peaks.update(memory.phase_peaks(device, "train"))  # optimizer, base eval, the steps, final eval
 
     end: dict[str, Any] = {f"eval/{k}": v for k, v in final.items()}
     memory.reset_peak(device)
@@ -200,7 +203,7 @@ def _train(trainer: Trainer) -> dict[str, Any]:
     if merged is not None:
         end.update({f"eval/{k}_merged": v for k, v in trainer.evaluate(merged).items()})
         del merged
-        peaks["memory/peak_merge_bytes"] = memory.peak_bytes(device)  # merging and scoring the merged model
+        peaks.update(memory.phase_peaks(device, "merge"))  # merging and scoring the merged model
     end.update(strategy.final_metrics(model))
     trainer.tracker.log(end, step=trainer.state.step)
     strategy.save_artifacts(model, run_dir)
