@@ -1,11 +1,12 @@
 """Rank of ReLoRA's accumulated update, recomputed from a finished run's saved factors.
 
 Run: python analysis/relora_rank.py outputs/capacity/cells      (any run or sweep dirs; seconds)
+Needs runs with strategy.keep_factors=true (the relora_capacity and relora_table2 cells set it).
 
 ReLoRA's point is that Σ_k s·B_k@A_k, a sum of K rank-r updates, can reach rank K·r. The strategy
 logs the numerical rank of that sum at the end of a run (relora/update_rank_mean, from the stacked
 factors through a QR trick). This script recomputes it independently, densely: it loads each
-run's final_state.pt (the merged factors (B_k, s·A_k) of every adapted linear, plus the current
+run's relora_factors.pt (the merged factors (B_k, s·A_k) of every adapted linear, plus the current
 cycle's B, A, scaled by α/r from the run's config), forms ΔW as a dense matrix, takes its
 singular values σ and reports, per run, the mean over layers of
 - the numerical rank at fp32 precision (σ > σ₁·max(m, n)·eps₃₂), the strategy's own rule, which it
@@ -25,6 +26,7 @@ import torch
 from omegaconf import OmegaConf
 
 FP32_EPS = torch.finfo(torch.float32).eps
+FACTORS = "relora_factors.pt"  # written by the strategy with keep_factors (strategies/relora.py FACTORS_FILE)
 
 
 def accumulated_update(state: dict, name: str, scaling: float) -> torch.Tensor:
@@ -53,9 +55,9 @@ def ranks(delta: torch.Tensor) -> dict[str, float]:
 def run_ranks(run_dir: Path) -> dict[str, object] | None:
     """Mean ranks over the adapted layers of one ReLoRA run (None for other strategies)."""
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    if cfg.strategy.name != "relora" or not (run_dir / "final_state.pt").exists():
+    if cfg.strategy.name != "relora" or not (run_dir / FACTORS).exists():
         return None
-    state = torch.load(run_dir / "final_state.pt", map_location="cpu", weights_only=False)
+    state = torch.load(run_dir / FACTORS, map_location="cpu", weights_only=True)
     scaling = float(cfg.strategy.alpha) / int(cfg.strategy.rank)
     per_layer = [ranks(accumulated_update(state, n, scaling)) for n in state["adapters"]]
     out: dict[str, object] = {"run": run_dir.name, "rank": int(cfg.strategy.rank),
@@ -71,10 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sources", nargs="+", type=Path, help="run or sweep dirs")
     args = ap.parse_args(argv)
-    rows = [r for src in args.sources for d in sorted({p.parent for p in src.rglob("final_state.pt")})
+    rows = [r for src in args.sources for d in sorted({p.parent for p in src.rglob(FACTORS)})
             if (r := run_ranks(d)) is not None]
     if not rows:
-        print(f"relora_rank: no finished ReLoRA run under {[str(s) for s in args.sources]}", file=sys.stderr)
+        print(f"relora_rank: no {FACTORS} (a finished ReLoRA run with strategy.keep_factors=true) under "
+              f"{[str(s) for s in args.sources]}", file=sys.stderr)
         return 1
     print("| run | r | merges | numerical rank (fp32) | logged by the strategy | 99%-energy rank | σ > 1% σ₁ |")
     print("|---|---|---|---|---|---|---|")

@@ -71,9 +71,10 @@ def test_A_starts_nonzero_so_B_learns_at_the_first_step():
 
 
 # ---- merge and restart ------------------------------------------------------------------------
-def toy_layer(seed: int = 0, in_f: int = 48, out_f: int = 40, rank: int = 4) -> LoRALinear:
+def toy_layer(seed: int = 0, in_f: int = 48, out_f: int = 40, rank: int = 4, keep_factors: bool = True) -> LoRALinear:
     torch.manual_seed(seed)
-    layer = LoRALinear(nn.Linear(in_f, out_f, bias=True), rank, alpha=8.0, variant=ReLoRAVariant(quantized=False))
+    variant = ReLoRAVariant(quantized=False, keep_factors=keep_factors)
+    layer = LoRALinear(nn.Linear(in_f, out_f, bias=True), rank, alpha=8.0, variant=variant)
     with torch.no_grad():
         layer.lora_B.weight.normal_()  # a trained-looking B, so the update is not zero
     return layer
@@ -118,7 +119,7 @@ def test_rank_grows_when_training_with_merges():
     torch.manual_seed(0)
     target = torch.randn(16, 16)
     model = nn.Sequential(nn.Linear(16, 16, bias=False))
-    s = relora(rank=2, alpha=2.0, reset_every=20, train_full_rank=[])
+    s = relora(rank=2, alpha=2.0, reset_every=20, train_full_rank=[], keep_factors=True)
     s.wrap(model)
     opt = torch.optim.AdamW([p for _, p in s.trainable_parameters(model)], lr=1e-2)
     for step in range(1, 101):
@@ -284,18 +285,18 @@ def test_unmatched_full_rank_name_is_refused():
 
 
 # ---- 4-bit base ---------------------------------------------------------------------------------
-def _nf4_model(master: bool, seed: int = 0):
+def _nf4_model(master: str, seed: int = 0, keep_factors: bool = True):
     from lorabench.quant import quantize_backbone
 
     model = tiny_model(seed)
-    s = relora(base="nf4", master_copy=master, reset_every=2, compute_dtype="fp32")
+    s = relora(base="nf4", master_copy=master, reset_every=2, compute_dtype="fp32", keep_factors=keep_factors)
     quantize_backbone(model, s.base_format())
     s.wrap(model)
     model.train()
     return model, s
 
 
-@pytest.mark.parametrize("master", [False, True])
+@pytest.mark.parametrize("master", ["none", "bf16", "auto"])
 def test_nf4_merge_requantizes_and_logs_error(master):
     model, s = _nf4_model(master)
     opt = torch.optim.AdamW([p for _, p in s.trainable_parameters(model)], lr=1e-2)
@@ -317,14 +318,20 @@ def test_nf4_merge_requantizes_and_logs_error(master):
     assert fm["relora/requant_drift"] > 0 and fm["relora/update_rank_min"] == 2 * s.cfg.rank
     layer = lora_layers(model)[0][1]
     assert type(layer.base_layer).__name__ == "Linear4bit"
-    assert (layer.master is not None) == master
-    # the checkpoint restores the requantized base bit for bit (and the master copy)
+    want = {"none": None, "bf16": torch.bfloat16, "auto": torch.float32}[master]  # auto = fp32 over nf4
+    assert (layer.master.dtype if layer.master is not None else None) == want
+    # the checkpoint restores the requantized base bit for bit (and the master copy); it holds
+    # no factors, so the restored run's rank and drift metrics are absent, the rest equal
     state = s.state_dict(model)
     model2, s2 = _nf4_model(master, seed=1)
     s2.load_state_dict(model2, state)
     with torch.no_grad():
         torch.testing.assert_close(model2(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
-    assert s2.final_metrics(model2) == s.final_metrics(model)
+    if layer.master is not None:
+        assert torch.equal(lora_layers(model2)[0][1].master, layer.master)
+    restored = s2.final_metrics(model2)
+    assert "relora/update_rank_min" not in restored and "relora/requant_drift" not in restored
+    assert restored == {k: v for k, v in fm.items() if k in restored} and "relora/merge_error" in restored
 
 
 # ---- end to end through the trainer ---------------------------------------------------------------
@@ -418,28 +425,30 @@ def test_warm_start_runs_at_its_own_lr(tmp_path):
     assert [scaled[k] for k in (3, 4, 5, 6)] == pytest.approx([plain[k] for k in (3, 4, 5, 6)])
 
 
-# ---- the warm start's switch is a restart ------------------------------------------------------------
-def test_warm_start_switch_ramps_from_zero_like_a_merge():
-    """train/lr of every update: the switch to low rank (after 4 steps) and the merge (after 8)
-    both drop to 0 and re-warm over restart_warmup_steps; floor 0.1 (ReLoRA's default)."""
+# ---- the warm start is a run of its own ----------------------------------------------------------------
+def test_warm_start_has_no_restarts_and_low_rank_is_a_run_of_its_own():
+    """train/lr of every update, warm start of 8 steps with reset_every=4: no drop to 0 at step 4
+    (inside the warm start); the warm start is a plain warmup + cosine over its 8 steps, the
+    low-rank phase a jagged run over the remaining 8 with its own warmup and a trough after the
+    merge at step 12; floor 0.1 (ReLoRA's default)."""
     trainer = tiny_trainer(
-        None, "strategy=relora", "strategy.reset_every=4", "strategy.warm_start_steps=4",
+        None, "strategy=relora", "strategy.reset_every=4", "strategy.warm_start_steps=8",
         "strategy.restart_warmup_steps=2", "strategy.warm_start_lr_ratio=0.5", "optim.warmup_steps=2",
-        "trainer.max_steps=12",
+        "trainer.max_steps=16",
     )
     lrs = []
-    while trainer.state.step < 12:
+    while trainer.state.step < 16:
         lrs.append(trainer.train_step()["train/lr"])  # lrs[s]: the lr of the update after s steps
     peak = 3e-3  # ReLoRAConfig.lr, optim.lr's default
 
-    def c(t):  # the cosine from 1 at the end of the 2-step warmup to the floor 0.1 at step 12
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (t - 2) / 10))
+    def c(t, span):  # a cosine from 1 at the end of the 2-step warmup to the floor 0.1 at step `span`
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (t - 2) / (span - 2)))
 
-    warm = [0.5 * 0.5, 0.5 * 1.0, 0.5 * c(2), 0.5 * c(3)]  # warm start at 0.5 × (warmup, cosine)
-    low = [0.0, c(6) / 2, c(6), c(7), 0.0, c(10) / 2, c(10), c(11)]  # switch, ramp, cosine, merge, ramp, cosine
+    warm = [0.5 * 0.5, 0.5 * 1.0] + [0.5 * c(t, 8) for t in range(2, 8)]  # 0.5 × (warmup, cosine over 8)
+    low = [0.5, 1.0, c(2, 8), c(3, 8), 0.0, c(6, 8) / 2, c(6, 8), c(7, 8)]  # warmup, cosine, merge → trough, ramp
     assert lrs == pytest.approx([peak * m for m in warm + low], rel=1e-6, abs=1e-12)
-    assert lrs[4] == 0.0 and lrs[8] == 0.0
-    assert trainer.strategy.merges == 2  # after steps 8 and 12
+    assert all(lr > 0 for lr in lrs[:8]) and lrs[12] == 0.0
+    assert trainer.strategy.merges == 2  # after steps 12 and 16
 
 
 # ---- optimizer reset options ---------------------------------------------------------------------
@@ -527,7 +536,9 @@ def test_relora_defaults_follow_the_paper_and_others_keep_theirs():
     cfg = compose_cfg("strategy=relora")
     assert cfg.optim.min_lr_ratio == 0.1 and cfg.strategy.min_lr_ratio == 0.1
     assert cfg.optim.restart_every == cfg.strategy.reset_every == 50
-    assert (cfg.strategy.optimizer_reset, cfg.strategy.reset_masks, cfg.strategy.prune_ratio) == ("magnitude", "joint", 0.99)
+    # the official code's reset: random pruning at 0.999, a mask per moment
+    assert (cfg.strategy.optimizer_reset, cfg.strategy.reset_masks, cfg.strategy.prune_ratio) == ("random", "separate", 0.999)
+    assert (cfg.strategy.master_copy, cfg.strategy.keep_factors) == ("auto", False)
     assert compose_cfg("strategy=lora").optim.min_lr_ratio == 0.0
 
 

@@ -129,7 +129,7 @@ def test_relora_rank_recomputes_the_logged_rank_densely(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cfg = tiny_cfg(run_dir, *TINY, "task=facts", "task.train_size=64", "task.eval_size=16", "task.generate=false",
                    "strategy=relora", "strategy.rank=2", "strategy.reset_every=2", "strategy.restart_warmup_steps=1",
-                   "optim.warmup_steps=1")
+                   "optim.warmup_steps=1", "strategy.keep_factors=true")
     summary = job.run(cfg)
     (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")

@@ -3,10 +3,12 @@
 Hand-written (a few lines each) because the jagged restarts have no library version and
 one registry keeps every schedule resumable through `LambdaLR`.
 
-A schedule reads `optim` only, with one exception: the jagged schedule's restart period and
-ReLoRA's merge period are one setting (a merge must sit at an lr trough), so when the config
-tree's strategy has a merge period (`strategy.reset_every`) the schedule refuses any other
-`optim.restart_every` and names the strategy's key in its errors (docs/relora.md#schedule).
+A schedule reads `optim` only, with one exception: ReLoRA's keys. The jagged schedule's
+restart period and ReLoRA's merge period are one setting (a merge must sit at an lr trough),
+so when the config tree's strategy has a merge period (`strategy.reset_every`) the schedule
+refuses any other `optim.restart_every` and names the strategy's key in its errors; and a
+warm start (`strategy.warm_start_steps`) is scheduled as a run of its own, without restarts
+(docs/relora.md#schedule).
 """
 
 from __future__ import annotations
@@ -89,6 +91,9 @@ def cosine(optim_cfg: Any, total_steps: int) -> Schedule:
     return f
 
 
+WARM_START_KEY = "strategy.warm_start_steps"  # a strategy's full-rank warm start: a run of its own, without restarts
+
+
 @register_schedule("jagged_cosine")
 def jagged_cosine(optim_cfg: Any, total_steps: int) -> Schedule:
     """ReLoRA's schedule: linear warmup, one global cosine to `min_lr_ratio`, and at every
@@ -96,7 +101,11 @@ def jagged_cosine(optim_cfg: Any, total_steps: int) -> Schedule:
     `restart_warmup_steps` up to the cosine's value at the end of that ramp.
 
     With a strategy that merges (`strategy.reset_every`), `restart_every` must equal it and
-    errors name the strategy's key, which is the one a user sets.
+    errors name the strategy's key, which is the one a user sets. With a warm start
+    (`strategy.warm_start_steps` = W > 0) the schedule is two runs, as the official code
+    runs them: steps [0, W) are a plain warmup + cosine over W steps (no restarts), and the
+    low-rank phase is a jagged run of its own over the remaining steps, with its own first
+    warmup and restarts counted from W.
 
     The multiplier for step s is what LambdaLR applies to the update made after s steps,
     so a merge after step k·restart_every is followed by an update at lr 0 (the trough).
@@ -106,6 +115,7 @@ def jagged_cosine(optim_cfg: Any, total_steps: int) -> Schedule:
     w, r = optim_cfg.warmup_steps, optim_cfg.min_lr_ratio
     every, ramp = optim_cfg.restart_every, optim_cfg.restart_warmup_steps
     merges = strategy_value(optim_cfg, MERGE_PERIOD_KEY)
+    warm = int(strategy_value(optim_cfg, WARM_START_KEY) or 0)
     key = "optim.restart_every" if merges is None else MERGE_PERIOD_KEY  # the key a user should change
     follows = merges is not None and strategy_value(optim_cfg, "strategy.restart_warmup_steps") == ramp
     ramp_key = "strategy.restart_warmup_steps" if follows else "optim.restart_warmup_steps"
@@ -132,15 +142,25 @@ def jagged_cosine(optim_cfg: Any, total_steps: int) -> Schedule:
         raise ConfigError(
             f"optim.warmup_steps: {w} is longer than {key}={every}; the first restart would cut the warmup"
         )
+    if warm >= total_steps:
+        raise ConfigError(
+            f"{WARM_START_KEY}: {warm} leaves no low-rank step of the {total_steps} training steps (trainer.max_steps)"
+        )
+    low_rank = total_steps - warm
 
-    def f(step: int) -> float:
+    def jagged(step: int) -> float:
         if step < w:
             return _warmup(step, w)
         k, into = divmod(step, every)
         if k >= 1 and into < ramp:
             # ramp from 0 towards where the cosine will be when the ramp ends
-            target = cosine_value(k * every + ramp, total_steps, w, r)
+            target = cosine_value(k * every + ramp, low_rank, w, r)
             return target * into / ramp
-        return cosine_value(step, total_steps, w, r)
+        return cosine_value(step, low_rank, w, r)
+
+    def f(step: int) -> float:
+        if step < warm:  # the warm start: a plain run of its own
+            return _warmup(step, w) if step < w else cosine_value(step, warm, w, r)
+        return jagged(step - warm)
 
     return f
