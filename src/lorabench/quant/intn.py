@@ -46,14 +46,20 @@ def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """Inverse of `pack_codes`: (out, in) uint8 codes."""
+    """Inverse of `pack_codes`: (out, in) uint8 codes. Works in uint8 throughout (no widening):
+    code k of a chunk is `byte >> offset`, or'ed with the next byte shifted left when it
+    straddles two bytes (3 bits), then masked; uint8 shifts drop the overflow, the mask the rest."""
     out = packed.shape[0]
-    b = packed.to(torch.int64).view(out, -1, bits)
-    byte_shifts = torch.arange(bits, dtype=torch.int64, device=packed.device) * 8
-    word = (b << byte_shifts).sum(-1)
-    shifts = torch.arange(CODES_PER_CHUNK, dtype=torch.int64, device=packed.device) * bits
-    q = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return q.reshape(out, -1)[:, :in_features].to(torch.uint8)
+    b = packed.reshape(out, -1, bits)
+    q = torch.empty(out, b.shape[1], CODES_PER_CHUNK, dtype=torch.uint8, device=packed.device)
+    mask = (1 << bits) - 1
+    for k in range(CODES_PER_CHUNK):
+        byte, offset = divmod(k * bits, 8)
+        code = b[..., byte] >> offset
+        if offset + bits > 8:
+            code |= b[..., byte + 1] << (8 - offset)
+        q[..., k] = code & mask
+    return q.reshape(out, -1)[:, :in_features]
 
 
 # ---- dequantization and the matmul --------------------------------------------------------------
@@ -74,15 +80,37 @@ def zero_points(zeros: torch.Tensor, shape: IntNShape) -> torch.Tensor:
     return zeros.float()
 
 
+DEQUANT_CHUNK = 1 << 17  # weights dequantized per step: the transient beyond W is one block's uint8 codes (+ its fp32 copy below fp32)
+
+
 def dequantize_state(
-    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, shape: IntNShape
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, shape: IntNShape,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """W = s·(q − z), (out, in) fp32, from the packed state."""
-    L = shape.in_features // shape.group_size
-    q = unpack_codes(qweight, shape.bits, shape.in_features).float().view(shape.out_features, L, shape.group_size)
-    z = zero_points(zeros, shape).t().unsqueeze(-1)
-    w = (q - z) * scales.float().t().unsqueeze(-1)
-    return w.reshape(shape.out_features, shape.in_features)
+    """W = s·(q − z), (out, in) in `dtype`, from the packed state: computed in fp32 (then
+    rounded once to `dtype`), a block of rows at a time written into W, so no full-size
+    code or temporary tensor exists besides W itself (docs/qalora.md#base-group-wise-asymmetric-int-n).
+    The in-place ops take the stored zeros (integer codes or floats) and fp16 scales as they
+    are: they promote each element to fp32, exactly as an fp32 copy would."""
+    out_f, in_f, g, bits = shape.out_features, shape.in_features, shape.group_size, shape.bits
+    w = torch.empty(out_f, in_f, dtype=dtype, device=qweight.device)
+    # a multiple of 8 rows, so a block's packed zero points (packed along out) are whole chunks
+    rows = max(CODES_PER_CHUNK, DEQUANT_CHUNK // in_f // CODES_PER_CHUNK * CODES_PER_CHUNK)
+    direct = dtype == torch.float32  # fp32: compute in place in W; else in an fp32 block, then round
+    for r in range(0, out_f, rows):
+        n = min(rows, out_f - r)
+        if zeros.dtype == torch.uint8:
+            z = unpack_codes(zeros[:, r // CODES_PER_CHUNK * bits:(r + n + 7) // CODES_PER_CHUNK * bits], bits, n)
+        else:
+            z = zeros[:, r:r + n]
+        codes = unpack_codes(qweight[r:r + n], bits, in_f)
+        block = w[r:r + n] if direct else torch.empty(codes.shape, dtype=torch.float32, device=w.device)
+        block.copy_(codes)
+        block.view(n, in_f // g, g).sub_(z.t().unsqueeze(-1)).mul_(scales[:, r:r + n].t().unsqueeze(-1))
+        if not direct:
+            w[r:r + n].copy_(block)
+        del codes, block, z  # free this block before the next one is unpacked
+    return w
 
 
 class IntNMatmul(torch.autograd.Function):
@@ -95,14 +123,14 @@ class IntNMatmul(torch.autograd.Function):
                 zeros: torch.Tensor, shape: IntNShape) -> torch.Tensor:
         ctx.shape = shape
         ctx.save_for_backward(qweight, scales, zeros)
-        return x @ dequantize_state(qweight, scales, zeros, shape).to(x.dtype).t()
+        return x @ dequantize_state(qweight, scales, zeros, shape, x.dtype).t()
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
         qweight, scales, zeros = ctx.saved_tensors
-        w = dequantize_state(qweight, scales, zeros, ctx.shape).to(grad_out.dtype)
+        w = dequantize_state(qweight, scales, zeros, ctx.shape, grad_out.dtype)
         return grad_out @ w, None, None, None, None
 
 
