@@ -125,3 +125,22 @@ def test_short_run_of_every_strategy_works_or_names_the_key(name):
         assert msg.startswith("strategy.reset_every: ") and hint and hint.group(1) == "strategy.reset_every"
         cfg = tiny_cfg(None, f"strategy={name}", "trainer.max_steps=40", f"{hint.group(1)}={hint.group(2)}")
         assert cfg.optim.restart_every == 20
+
+
+def test_warm_start_is_a_plain_run_then_the_low_rank_run_of_its_own():
+    """strategy.warm_start_steps=W: no drop to 0 at multiples of reset_every inside [0, W); there,
+    warmup + one cosine over W steps; from W on, the bare jagged schedule of a (total − W)-step run."""
+    warm, total = 100, 300
+    tree = build_schedule(_tree({**RELORA, "warm_start_steps": warm}), total)
+    plain = build_schedule(_optim(warmup_steps=10, restart_every=warm, restart_warmup_steps=10), warm)
+    low = build_schedule(_optim(warmup_steps=10, restart_every=50, restart_warmup_steps=10), total - warm)
+    assert [tree(s) for s in range(warm)] == [plain(s) for s in range(warm)]  # one cycle = the plain cosine
+    assert min(tree(s) for s in range(warm)) > 0 and tree(50) > 0.1  # no restart at reset_every=50
+    assert tree(warm - 1) == pytest.approx(0.1, abs=1e-3)  # the warm start's cosine ends at the floor
+    assert [tree(s) for s in range(warm, total)] == [low(s) for s in range(total - warm)]
+    assert tree(warm) == 1 / 10 and tree(warm + 50) == tree(warm + 150) == 0.0  # fresh warmup; troughs at the merges
+
+
+def test_warm_start_leaving_no_low_rank_step_is_refused():
+    with pytest.raises(ConfigError, match=r"^strategy\.warm_start_steps: 200 leaves no low-rank step of the 200"):
+        build_schedule(_tree({**RELORA, "warm_start_steps": 200}), 200)
