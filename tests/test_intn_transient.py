@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from lorabench.quant.bnb4bit import to_linear4bit
-from lorabench.quant.intn import DEQUANT_CHUNK, IntNLinear
+from lorabench.quant.intn import DEQUANT_CHUNK, FLOAT_ZEROS, IntNLinear
 
 
 class LiveBytes(TorchDispatchMode):
@@ -140,3 +140,37 @@ def test_transient_beyond_w_is_one_block_at_every_layer_size() -> None:
         x = torch.randn(TOKENS, n, requires_grad=True)
         beyond.add(peak_bytes(layer_step(layer, x)) - 4 * n * n)
     assert beyond == {DEQUANT_CHUNK + DEQUANT_CHUNK // 32 + 2 * DEQUANT_CHUNK // 8 + 8}
+
+
+def reference_unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Codes the plain way: each 8-code chunk read as one little-endian int64 word."""
+    b = packed.to(torch.int64).view(packed.shape[0], -1, bits)
+    word = (b << (torch.arange(bits) * 8)).sum(-1)
+    q = (word.unsqueeze(-1) >> (torch.arange(8) * bits)) & ((1 << bits) - 1)
+    return q.reshape(packed.shape[0], -1)[:, :n].to(torch.uint8)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("zeros", ["packed", "fp16", "fp32"])
+def test_blockwise_dequantize_is_bitwise_the_dense_formula(bits: int, zeros: str) -> None:
+    """Several blocks and a partial last one (out = 3·rows + 44), rows and zero-point rows
+    that pad their last 8-code chunk (in = 612, out not multiples of 8; g = 36): W, the
+    forward and the input gradient equal `(q − z)·s` computed densely in fp32, bit for bit,
+    in fp32 and rounded once to bf16."""
+    in_f, g = 612, 36
+    out_f = 3 * (DEQUANT_CHUNK // in_f // 8 * 8) + 44
+    torch.manual_seed(bits)
+    layer = IntNLinear.from_linear(nn.Linear(in_f, out_f, bias=False), bits, g)
+    if zeros != "packed":
+        layer.set_fractional_zeros(layer.zero_points() + torch.randn(in_f // g, out_f), FLOAT_ZEROS[zeros])
+    q = reference_unpack(layer.qweight, bits, in_f)
+    assert torch.equal(layer.codes(), q)
+    z = reference_unpack(layer.qzeros, bits, out_f).float() if zeros == "packed" else layer.zeros.float()
+    dense = ((q.float().view(out_f, -1, g) - z.t().unsqueeze(-1)) * layer.scales.float().t().unsqueeze(-1)).view(out_f, in_f)
+    assert torch.equal(layer.dequantize(), dense)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 5, in_f, dtype=dtype, requires_grad=True)
+        y = layer(x)
+        y.backward(torch.ones_like(y))
+        assert torch.equal(y, x @ dense.to(dtype).t())
+        assert torch.equal(x.grad, torch.ones_like(y) @ dense.to(dtype))
