@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lorabench.adapters.lora import lora_layers
 from lorabench.memory import activation_bytes
 from lorabench.quant.intn import IntNLinear
 from tests.helpers import build_on_tiny
@@ -46,9 +47,9 @@ def test_nothing_saved_counts_zero_and_hooks_are_removed() -> None:
     net(x).sum().backward()  # no hook left behind: a plain backward still works
 
 
-def tiny_step(name: str) -> tuple[nn.Module, int]:
+def tiny_step(name: str, **keys: object) -> tuple[nn.Module, int]:
     """(model, activation bytes) of one forward+backward of a fixed batch, all-linear."""
-    _, model = build_on_tiny(name)
+    _, model = build_on_tiny(name, **keys)
     model.train()
     ids = torch.randint(0, 48, (8, 32), generator=torch.Generator().manual_seed(0))
     return model, activation_bytes(model, lambda: model(input_ids=ids, labels=ids).loss.backward())
@@ -73,3 +74,21 @@ def test_qalora_saves_no_dense_weight_and_stays_within_qlora() -> None:
     no_grad_input = [n for n in weights if n in {f"model.layers.0.self_attn.{p}_proj.base_layer" for p in "qkv"}]
     assert len(no_grad_input) == 3
     assert act_dense - act == sum(weights.values()) - sum(weights[n] for n in no_grad_input)
+
+
+def test_qalora_dropout_after_pooling_stays_within_qlora() -> None:
+    """Dropout on the pooled input (the default, official order) saves a mask L = in/g wide;
+    PEFT's order saves it in wide. CPU dropout saves its fp32 mask only where x needs a
+    gradient, so the two orders differ by 4 B · tokens · (in − in/g) summed over the adapted
+    layers whose input needs one (all but layer 0's q/k/v, fed by the frozen embedding)."""
+    qalora, after = tiny_step("qalora", dropout=0.1)
+    _, before = tiny_step("qalora", dropout=0.1, dropout_position="before_pool")
+    _, qlora = tiny_step("qlora", dropout=0.1)
+    _, no_dropout = tiny_step("qalora")
+    assert after <= 1.05 * qlora  # measured: 1,814,532 vs 3,655,684 B
+    tokens = 8 * 32
+    frozen_input = {f"model.layers.0.self_attn.{p}_proj" for p in "qkv"}
+    widths = [(m.in_features, m.variant.n_groups) for n, m in lora_layers(qalora) if n not in frozen_input]
+    assert len(widths) == 2 * 7 - 3
+    assert before - after == 4 * tokens * sum(i - L for i, L in widths)
+    assert after - no_dropout == 4 * tokens * sum(L for _, L in widths)  # the L-wide masks themselves
