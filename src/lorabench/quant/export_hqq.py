@@ -3,7 +3,7 @@
 
 Why HQQ as well as GGUF: HQQ's layer computes `W = (W_q − zero)·scale` with one float scale and
 one float zero per group of g consecutive inputs (`axis=1`), kept in the compute dtype: the
-harness's `s·(q − z')` exactly (fp16 s and z' are exact in fp32), at every width the harness has
+harness's `s·(q − z')` exactly (fp16 s, and z' held in fp32 or fp16, are exact in fp32), at every width the harness has
 (2, 3, 4, 8 bits) and any g, where GGUF Q4_1 holds only INT2/3/4 with g a multiple of 32.
 The cost: only the `hqq` package reads it (transformers 5.x does not load HQQ checkpoints:
 docs/export.md#hqq-export). Each layer is built by hqq itself from the dequantized weight (no
