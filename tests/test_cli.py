@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline"}
     cmd = [sys.executable, "-m", "lorabench", *TINY, f"hydra.run.dir={tmp_path}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)  # a bounded job: its exit is the event
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
@@ -121,3 +121,56 @@ def test_ctrl_c_is_one_line_exit_130_and_resumable(tmp_path: Path, spawn, sigint
     assert logged_steps(run_dir) == list(range(1, step + 1))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["status"], summary["step"]) == ("interrupted", step)
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    """Every file under `run_dir`, by relative path."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_rerun_into_a_completed_run_dir_with_another_config_is_refused(tmp_path: Path) -> None:
+    """`strategy=full` into a finished lora run dir: one line naming strategy.name, exit 2, every
+    file as it was (Hydra's .hydra/config.yaml included, which lorabench-eval and lorabench-report
+    read). The identical rerun is skipped, exit 0."""
+    assert cli(tmp_path, "strategy=lora", "trainer.max_steps=2").returncode == 0
+    before = snapshot(tmp_path)
+    proc = cli(tmp_path, "strategy=full", "trainer.max_steps=2")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[0].startswith(f"lorabench: error: strategy.name: {tmp_path} holds a completed run with strategy.name=lora, "
+                               "this run has strategy.name=full; "), lines[0]
+    assert snapshot(tmp_path) == before
+    again = cli(tmp_path, "strategy=lora", "trainer.max_steps=2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"lorabench: {tmp_path} holds a completed run; not training it again" in again.stderr
+    assert {k: v for k, v in snapshot(tmp_path).items() if k != "cli.log"} == {k: v for k, v in before.items() if k != "cli.log"}
+
+
+@pytest.mark.slow
+def test_a_refused_job_of_a_sweep_is_a_failed_row_and_the_others_run(tmp_path: Path) -> None:
+    """Rerunning a sweep dir with another optim.lr: job 0's dir holds a completed run of the old
+    value and is refused (one line, its dir as it was); job 1 is new and runs; the sweep summary
+    has one row per job and the sweep exits 1."""
+    import pandas as pd
+
+    def sweep(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "lorabench", "-m", *TINY, "trainer.max_steps=2", "extras.print_config=false",
+               f"hydra.sweep.dir={tmp_path}", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+
+    first = sweep("seed=0", "optim.lr=0.002")
+    assert first.returncode == 0, first.stderr[-3000:]
+    job0 = tmp_path / "0_lora_s0"
+    before = snapshot(job0)
+    second = sweep("seed=0,1", "optim.lr=0.00123")
+    assert second.returncode == 1, second.stderr[-3000:]
+    assert f"lorabench: error: job 0 refused (run dir {job0}): optim.lr: {job0} holds a completed run with " \
+           "optim.lr=0.002, this run has optim.lr=0.00123; " in second.stderr
+    assert "Traceback" not in second.stderr
+    assert snapshot(job0) == before
+    csv = pd.read_csv(tmp_path / "sweep_summary.csv")
+    assert sorted(zip(csv["job"], csv["status"])) == [(0, "failed"), (1, "completed")]
+    assert csv.set_index("job")["error"][0].startswith("optim.lr: ")
+    assert "lorabench: 1 of 2 jobs failed" in second.stderr

@@ -183,3 +183,49 @@ def test_rows_the_wandb_record_lost_are_logged_again(tmp_path: Path, monkeypatch
     for h in history:
         assert {k: h[k] for k in ("train/loss", "eval/loss") if k in h} == \
             {k: by_step[h["_step"]][k] for k in ("train/loss", "eval/loss") if k in by_step[h["_step"]]}
+
+
+STEPS = RESUMABLE[:3]  # without strategy.dropout, which full fine-tuning has not
+
+
+def _snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_rerun_under_another_config_is_refused_and_the_dir_left_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                            finished: bool) -> None:
+    """`strategy=full` rerun into a lora run dir (completed, or stopped with a checkpoint): one line
+    naming strategy.name, and every file of the dir as it was, Hydra's .hydra/ files included
+    (Hydra rewrites them before the job starts; `admit` puts them back). An identical rerun passes."""
+    from lorabench.errors import RunDirRefused
+    from lorabench.training.run_dir import RUN_RECORD, admit
+    from tests.helpers import tiny_cfg
+
+    hydra = tmp_path / ".hydra"
+    hydra.mkdir()
+    (hydra / "config.yaml").write_text("strategy:\n  name: lora\n")  # stands for what Hydra wrote
+    admit(tiny_cfg(tmp_path, *STEPS), ".hydra")
+    assert json.loads((tmp_path / RUN_RECORD).read_text())["hydra_files"] == {".hydra/config.yaml": "strategy:\n  name: lora\n"}
+    if not finished:
+        _crash_at(monkeypatch, 6, Interrupted("killed"))
+    try:
+        run_tiny(tmp_path, *STEPS)
+    except Interrupted:
+        pass
+    monkeypatch.undo()
+    before = _snapshot(tmp_path)
+    (hydra / "config.yaml").write_text("strategy:\n  name: full\n")  # Hydra's rewrite for the rerun
+    with pytest.raises(RunDirRefused) as e:
+        admit(tiny_cfg(tmp_path, *STEPS, "strategy=full"), ".hydra")
+    what = "a completed run" if finished else "an unfinished run"
+    assert str(e.value).startswith(f"strategy.name: {tmp_path} holds {what} with strategy.name=lora, this run has "
+                                   "strategy.name=full; ")
+    assert "\n" not in str(e.value)
+    assert _snapshot(tmp_path) == before
+    admit(tiny_cfg(tmp_path, *STEPS, "trainer.progress=true"), ".hydra")  # the same run (a display key may change)
+    if finished:
+        assert _snapshot(tmp_path) == before
+        assert run_tiny(tmp_path, *STEPS)["already_completed"]
+    else:
+        assert run_tiny(tmp_path, *STEPS)["status"] == "completed"

@@ -22,8 +22,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from lorabench.checks import register_configs, validate
 from lorabench.training.sweep import LAST_SWEEP, expand_jobs, one_line, report, without_values
-from lorabench.errors import ConfigError, Interrupted
+from lorabench.errors import ConfigError, Interrupted, RunDirRefused
 from lorabench.training.preempt import Preempted, requeue_or_exit
+from lorabench.training.run_dir import admit_job
 from lorabench.utils import atomic_write_text
 
 # Our launcher presets extend the plugins' schemas of the same name on purpose; Hydra warns about
@@ -32,6 +33,8 @@ from lorabench.utils import atomic_write_text
 warnings.filterwarnings("ignore", message=r"[\s\S]*validated against ConfigStore schema with the same name")
 
 log = logging.getLogger("lorabench")
+# In a sweep dir: one file per job refused by the run dir rules (a sweep summary row each).
+REFUSED_DIR = ".refused"
 
 
 def conf_dir() -> str:
@@ -142,6 +145,8 @@ def run_job(cfg: DictConfig) -> Optional[float]:
     A single run's bad input exits 2 (one line). In a multirun a failed job is recorded
     (summary.json, status failed) and returns None so the other jobs run; SweepCallback turns
     failures into the sweep's exit code. Sweepers that rank results (optuna) get the exception.
+    A rerun refused by the run dir rules (`run_dir.admit`) writes nothing into the run dir: in a
+    multirun it is recorded in the sweep dir instead (`REFUSED_DIR`).
     """
     from lorabench.training import job
 
@@ -149,10 +154,16 @@ def run_job(cfg: DictConfig) -> Optional[float]:
     multirun = is_multirun()
     try:
         validate(cfg)
+        admit_job(cfg)  # the run dir rules, before the job touches its dir
         auto_threads(cfg)
         if cfg.extras.print_config:
             print_config_tree(cfg)
         summary = job.run(cfg)
+    except RunDirRefused as e:  # the run dir holds another run: left as it was, no failure written into it
+        if not multirun:
+            print(f"lorabench: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        return job_refused(cfg, str(e), e)
     except ConfigError as e:
         if not multirun:
             print(f"lorabench: error: {e}", file=sys.stderr)
@@ -188,6 +199,19 @@ def run_job(cfg: DictConfig) -> Optional[float]:
         cfg.run_dir,
     )
     return value
+
+
+def job_refused(cfg: DictConfig, reason: str, error: Exception) -> None:
+    """Print one refused multirun job's line and record it in the sweep dir (its own run dir
+    stays as it was), for SweepCallback's summary; re-raise for ranking sweepers."""
+    hc = HydraConfig.get()
+    print(f"lorabench: error: job {hc.job.num} refused (run dir {cfg.run_dir}): {reason}", file=sys.stderr)
+    row = {"job": hc.job.num, "overrides": " ".join(str(o) for o in hc.overrides.task), "status": "failed",
+           "error": reason, "job_dir": str(cfg.run_dir)}
+    atomic_write_text(Path(hc.sweep.dir) / REFUSED_DIR / f"{hc.job.num}.json", json.dumps(row))
+    if ranking_sweeper():
+        raise error
+    return None
 
 
 def job_failed(cfg: DictConfig, reason: str, error: Exception) -> None:
@@ -227,6 +251,7 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         LAST_SWEEP.update(jobs=0, failed=0)
         self.sweep_dir = Path(str(config.hydra.sweep.dir))  # resolved once: ${now:} is cached
+        shutil.rmtree(self.sweep_dir / REFUSED_DIR, ignore_errors=True)  # an earlier sweep's refusals
         if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
             return  # other sweepers (optuna) choose their jobs as they go
         overrides = [str(o) for o in config.hydra.overrides.task]
@@ -267,7 +292,8 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.sweep_dir is None:
             return
-        jobs, failed = report(self.sweep_dir, self.not_run)
+        refused = [json.loads(p.read_text()) for p in sorted((self.sweep_dir / REFUSED_DIR).glob("*.json"))]
+        jobs, failed = report(self.sweep_dir, self.not_run + refused)
         LAST_SWEEP.update(jobs=jobs, failed=failed)
 
 

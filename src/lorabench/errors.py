@@ -10,3 +10,7 @@ class ConfigError(ValueError):
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a job: carries the one line that says where the run stopped and how to resume."""
+
+
+class RunDirRefused(ConfigError):
+    """A rerun into a run dir that holds a run made under another config: refused, the dir left as it was."""

@@ -148,10 +148,13 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
 
 def report(sweep_dir: Path, not_run: Optional[list[dict[str, Any]]] = None) -> tuple[int, int]:
     """Write `sweep_summary.csv`, print the table and the failed jobs; (jobs, failed).
-    `not_run`: rows for jobs left out of the sweep (they have no job dir)."""
+    `not_run`: rows for jobs left out of the sweep (no job dir) or refused by their run dir."""
     import pandas as pd
 
     df = collect(sweep_dir)
+    if not_run and not df.empty:  # a job refused by its run dir: its row replaces the row of the run the dir holds
+        refused = {str(Path(row["job_dir"]).resolve()) for row in not_run if row.get("job_dir")}
+        df = df[~df["job_dir"].map(lambda d: str(Path(d).resolve())).isin(refused)].reset_index(drop=True)
     if not_run:
         extra = [{**row, **{f"override:{k}": v for k, v in parse_overrides(row["overrides"].split()).items()}}
                  for row in not_run]
