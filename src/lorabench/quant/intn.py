@@ -235,7 +235,7 @@ class IntNLinear(nn.Module):
 
     @torch.no_grad()
     def set_integer_zeros(self, z: torch.Tensor) -> None:
-        """Hold integer zero points in [0, 2^N − 1] packed N bits each (drops fp16 zeros)."""
+        """Hold integer zero points in [0, 2^N − 1] packed N bits each (drops float zeros)."""
         zf = z.float()
         maxq = (1 << self.bits) - 1
         if zf.shape != (self.n_groups, self.out_features) or not bool(
