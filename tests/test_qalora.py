@@ -462,3 +462,35 @@ def test_quantized_set_is_the_decoder_and_targets_must_be_inside_it() -> None:
     with pytest.raises(ConfigError, match="has no INT-N base .*add it to strategy.quantize_modules") as e:
         build_on_tiny("qalora", quantize_modules=["k_proj"], target_modules=["q_proj"], rank=4, alpha=8.0)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_short_run_merged_scores_as_unmerged_with_fp32_zeros(tmp_path, bits: int) -> None:
+    """A few trained steps on the tiny job, then the merge the job scores (saved, reloaded):
+    with fp32 zeros the eval (exact match, loss) is the unmerged one and every eval logit is
+    within 1e-4; fp16 zeros on the same adapter move the logits more."""
+    from tests.helpers import tiny_trainer
+
+    trainer = tiny_trainer(None, "strategy=qalora", f"strategy.bits={bits}", "strategy.lr=1e-2")
+    for _ in range(6):
+        trainer.train_step()
+    model = trainer.model.eval()
+    batches = [b for b, _ in trainer.data.eval_batches(16)]
+
+    def logits(m: nn.Module) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches]
+
+    unmerged, un_eval = logits(model), trainer.evaluate(model)
+    gaps = {}
+    for zeros in ("fp32", "fp16"):
+        trainer.strategy.cfg.merged_zeros = zeros
+        for _, layer in qalora_layers(model):
+            layer.variant.merged_zeros = zeros
+        merged = trainer.strategy.merged_for_eval(model, tmp_path / zeros)
+        assert {m.zero_layout for m in merged.modules() if isinstance(m, IntNLinear)} == {zeros}
+        gaps[zeros] = max(float((a - b).abs().max()) for a, b in zip(logits(merged), unmerged))
+        if zeros == "fp32":
+            ev = trainer.evaluate(merged)
+            assert ev["accuracy"] == un_eval["accuracy"] and abs(ev["loss"] - un_eval["loss"]) <= 1e-5
+    assert gaps["fp32"] <= 1e-4 and gaps["fp32"] < gaps["fp16"]
