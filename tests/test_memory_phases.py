@@ -53,3 +53,42 @@ def test_a_load_phase_allocation_is_in_the_load_peak_only(tmp_path: Path, monkey
     # ...and not the training peak, reset after wrapping: a tiny job trains in far less than 256 MiB
     assert spiked["memory/peak_bytes"] < spiked["memory/peak_load_bytes"] - BIG // 2
     assert abs(spiked["memory/peak_bytes"] - plain["memory/peak_bytes"]) < BIG // 4
+
+
+def test_figure_b_names_each_peak_by_its_phase(tmp_path: Path) -> None:
+    """Fixture runs with known peaks: the third panel's bars are the per-phase means, labelled
+    load / train / merge; a strategy without a merge has no merge bar; the report's table
+    columns name the phase too."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from lorabench.analysis import figures
+    from lorabench.analysis.aggregate import METRICS
+    from lorabench.analysis.collect import load_local
+    from tests.test_report_fixtures import make_run
+
+    sweep = tmp_path / "peaks"
+    peaks = {"lora": (700e6, 660e6, 720e6), "qlora": (300e6, 250e6, None)}  # load, train, merge (bytes)
+    for s, (load, train, merge) in peaks.items():
+        for seed in (0, 1):
+            summary = {"eval/accuracy": 0.5, "memory/measured_bytes": 1e6, "memory/formula_bytes": 1e6,
+                       "memory/measured_base_bytes": 1e6, "memory/measured_trainable_bytes": 0.0,
+                       "memory/measured_grad_bytes": 0.0, "memory/measured_optimizer_bytes": 0.0,
+                       "memory/peak_load_bytes": load + seed * 2e6, "memory/peak_bytes": train}
+            if merge is not None:
+                summary["memory/peak_merge_bytes"] = merge
+            make_run(sweep, f"{s}_s{seed}", strategy=s, seed=seed, summary=summary)
+    rs = load_local([sweep])
+    drawn = figures.memory_stack("peaks", rs.runs, rs)
+    d = drawn.data["bars"].set_index("strategy")
+    assert d.loc["lora", ["peak_load", "peak_train", "peak_merge"]].tolist() == pytest.approx([701.0, 660.0, 720.0])
+    assert d.loc["qlora", "peak_load"] == pytest.approx(301.0) and d.loc["qlora", "peak_train"] == pytest.approx(250.0)
+    assert d["peak_merge"].isna().tolist() == [s == "qlora" for s in d.index]
+    panel = drawn.fig.axes[2]
+    labels = [c.get_label() for c in panel.containers]
+    assert labels == ["peak: load (build + quantize + wrap)", "peak: train (steps + evals)", "peak: merge (merge + score)"]
+    heights = [[p.get_height() for p in c.patches] for c in panel.containers]
+    order = drawn.data["bars"]["strategy"].tolist()
+    assert heights[1] == pytest.approx([d.loc[s, "peak_train"] for s in order])
+    assert [METRICS[k].label for k in ("memory/peak_load_bytes", "memory/peak_bytes", "memory/peak_merge_bytes")] == [
+        "peak memory, load (MB)", "peak memory, train (MB)", "peak memory, merge (MB)"]

@@ -17,6 +17,10 @@ from lorabench.analysis.style import Drawn, Skip, caption, err, plain_log, strat
 ACC, MEM = "eval/accuracy", "memory/measured_bytes"
 PARTS = [("base", "base weights + quant. constants"), ("trainable", "trainable (adapters)"),
          ("grad", "gradients"), ("optimizer", "optimizer state")]
+# (column, summary key, bar label): the peak of each phase, each since its own reset (docs/memory.md#peak)
+PEAKS = [("peak_load", "memory/peak_load_bytes", "load (build + quantize + wrap)"),
+         ("peak_train", "memory/peak_bytes", "train (steps + evals)"),
+         ("peak_merge", "memory/peak_merge_bytes", "merge (merge + score)")]
 
 
 def need(study: pd.DataFrame, *metrics: str) -> None:
@@ -82,22 +86,26 @@ def accuracy_vs_memory(name: str, study: pd.DataFrame, runs: RunSet) -> Drawn:
 
 def memory_stack(name: str, study: pd.DataFrame, runs: RunSet) -> Drawn:
     """b: measured memory per configuration stacked by what holds it, the seed formula beside it;
-    right panel adds the first step's activations."""
+    middle panel adds the first step's activations; when the runs record peaks, a third panel
+    gives each phase's peak (load, train, merge) as its own named bar."""
     parts = [f"memory/measured_{p}_bytes" for p, _ in PARTS]
     need(study, *parts, "memory/formula_bytes")
     act = "memory/activation_bytes"
-    agg = aggregate(study, [*parts, act, "memory/formula_bytes"])
+    peak_keys = [k for _, k, _ in PEAKS if k in study.columns and study[k].notna().any()]
+    agg = aggregate(study, [*parts, act, "memory/formula_bytes", *peak_keys])
     few_configurations(agg)
     d = pd.DataFrame({"label": agg["label"], "strategy": agg["strategy"], "seeds": agg["seeds"]})
     for p, _ in PARTS:
         d[p] = agg[f"memory/measured_{p}_bytes:mean"] * MB
     d["activation"] = agg[f"{act}:mean"] * MB if f"{act}:mean" in agg else np.nan
     d["formula"] = agg["memory/formula_bytes:mean"] * MB
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for col, key, _ in PEAKS:
+        d[col] = agg[f"{key}:mean"] * MB if key in peak_keys else np.nan
+    fig, axes = plt.subplots(1, 3 if peak_keys else 2, figsize=(16.5 if peak_keys else 11, 4.2))
     x = np.arange(len(d))
     colours = ["0.25", "0.5", "0.7", "0.85", "white"]  # greys: the strategy colours stay the strategies'
     hatches = ["", "//", "", "..", "xx"]
-    for ax, with_act in zip(axes, (False, True)):
+    for ax, with_act in zip(axes[:2], (False, True)):
         bottom = np.zeros(len(d))
         keys = [*PARTS, ("activation", "activations (first step)")] if with_act else PARTS
         for (p, label), c, h in zip(keys, colours, hatches):
@@ -114,8 +122,28 @@ def memory_stack(name: str, study: pd.DataFrame, runs: RunSet) -> Drawn:
         ax.grid(axis="y", alpha=0.3)
     handles, names = axes[1].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=3, fontsize=8, bbox_to_anchor=(0.5, -0.12))
-    return Drawn(fig, {"bars": d}, caption("Measured memory per configuration by what holds it, seed formula as ◆",
-                                           name, study, agg))
+    if peak_keys:
+        peak_panel(axes[2], d)
+    return Drawn(fig, {"bars": d}, caption("Measured memory per configuration by what holds it, seed formula as ◆"
+                                           + ("; right: peak per phase" if peak_keys else ""), name, study, agg))
+
+
+def peak_panel(ax: plt.Axes, d: pd.DataFrame) -> None:
+    """Grouped bars: per configuration, the peak of each phase (CUDA max allocated or process
+    peak RSS, each since its phase's reset), labelled with the phase; a phase a run did not
+    have (no merge) has no bar."""
+    x = np.arange(len(d))
+    width = 0.8 / len(PEAKS)
+    for k, ((col, _, label), shade) in enumerate(zip(PEAKS, ("0.3", "0.6", "0.9"))):
+        ax.bar(x - 0.4 + width * (k + 0.5), d[col].to_numpy(), width, color=shade, edgecolor="k", lw=0.4,
+               label=f"peak: {label}")
+    ax.set_xticks(x, [f"{lab}\n(n={n})" for lab, n in zip(d["label"], d["seeds"])], fontsize=8)
+    for tick, s in zip(ax.get_xticklabels(), d["strategy"]):
+        tick.set_color(strategy_colour(s))
+    ax.set_ylabel("peak memory (MB)")
+    ax.set_title("peak per phase (GPU: max allocated; CPU: process RSS)", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
 
 
 def qalora_bits(name: str, study: pd.DataFrame, runs: RunSet) -> Drawn:

@@ -131,9 +131,11 @@ def ensure_converted(spec: str, cache_dir: str | Path, key: str = "model.gguf_fi
     from filelock import FileLock
 
     path = resolve_gguf(spec, key)
-    check_llama_family(path, key)
     sha = sha256_file(path)  # ~0.3 s for SmolLM2's 93 MB: the key, so a changed file is converted again
     target = converted_dir(cache_dir, sha)
+    if is_converted(target):  # converted only after the family check passed; parsing the header again
+        return target  # would cost ~150 MB of transient memory in every job's load phase
+    check_llama_family(path, key)
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if not is_converted(target):
