@@ -41,19 +41,6 @@ def nf4_model(**kw):
     return model, s
 
 
-def train_and_merge(model: nn.Module, s, merges: int) -> torch.optim.Optimizer:
-    opt = torch.optim.AdamW([p for _, p in s.trainable_parameters(model)], lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    for step in range(1, 2 * merges + 1):
-        ids = torch.randint(0, VOCAB, (4, 12), generator=g)
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        s.on_step_end(step, model, opt)
-    assert s.merges == merges
-    return opt
-
-
 def adapter_params(model: nn.Module) -> int:
     return sum(layer.lora_A.weight.numel() + layer.lora_B.weight.numel() for _, layer in relora_layers(model))
 
