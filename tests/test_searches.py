@@ -288,7 +288,10 @@ def test_agent_job_keeps_its_one_run_and_the_resolved_config(tmp_path: Path, mon
     expected.update(run_dir=str(run_dir))
     expected["logger"]["group"] = "single-runs"
     assert config["strategy"] == "qlora"  # the group choice, where the sweep controller reads it
-    assert nest_dotted_keys(config, drop={"strategy"}) == expected
+    provenance = {k: v for k, v in config.items() if k.startswith("provenance/")}
+    assert provenance == {k: v for k, v in summary.items() if k.startswith("provenance/")}  # what produced the run
+    rest = {k: v for k, v in config.items() if not k.startswith("provenance/")}
+    assert nest_dotted_keys(rest, drop={"strategy"}) == expected
 
 
 class RecordingRun:
