@@ -128,7 +128,7 @@ def backbone(model_cfg: Any, model: torch.nn.Module) -> dict[str, Optional[str]]
         config = getattr(model, "config", None)  # a hub snapshot: transformers records the commit it loaded
         return {"backbone": f"hf:{name}", "backbone_revision": getattr(config, "_commit_hash", None)}
     if tiny.is_shipped(model_cfg):
-        # load_shipped verified every shipped file against this record before the job used it
+        # tiny_weights verified every shipped file against this record before the job used it
         return {"backbone": "tiny:shipped", "backbone_sha256": tiny.shipped_record()["sha256"]["model.safetensors"]}
     if model_cfg.pretrain_steps == 0:
         return {"backbone": "tiny:random-init"}  # weights drawn from the run's seed: no file to hash
