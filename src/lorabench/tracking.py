@@ -105,15 +105,18 @@ class Tracker:
                 id=run_id,
                 mode=lc.mode,
                 reinit="create_new",
-                settings=wandb.Settings(console="off", silent=True),
             )
+
+            def settings() -> Any:  # fresh per call: wandb.init writes resume/resume_from into the object it is given
+                return wandb.Settings(console="off", silent=True)
+
             if rewind is not None:
                 try:  # rewind the run to its last durable step before re-logging the steps after it
-                    self.wandb_run = wandb.init(**init, resume_from=f"{run_id}?_step={rewind}")
+                    self.wandb_run = wandb.init(**init, settings=settings(), resume_from=f"{run_id}?_step={rewind}")
                 except Exception as e:  # noqa: BLE001 - a server without rewind: continue the run as it is
                     log.warning("W&B refused to rewind run %s (%s); continuing it with resume='allow'", run_id, e)
             if self.wandb_run is None:
-                self.wandb_run = wandb.init(**init, resume="allow")
+                self.wandb_run = wandb.init(**init, settings=settings(), resume="allow")
             self.wandb_run = adopt_agent_run(self.wandb_run, cfg)  # under `wandb agent`: checked params, resolved config
             if resume_step is not None:
                 self._relog_after(-1 if rewind is None else rewind)
