@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,6 +76,33 @@ def test_resume_continues_the_same_wandb_run(tmp_path: Path, monkeypatch: pytest
     runs = [read_offline_run(p, wait_for_exit=60) for p in find_offline_runs(tmp_path)]
     assert len(runs) == 2 and {r["run"]["id"] for r in runs} == {first_id}
     assert [r["exit_code"] for r in runs] == [1, 0]  # the interrupted segment was finished as failed
+
+
+def test_a_refused_rewind_falls_back_to_resuming_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A W&B that refuses the rewind (an old server; seen offline on a loaded machine) still gets
+    the run continued with resume='allow': wandb.init is called again with settings of its own."""
+    import wandb
+
+    from lorabench.wandb_offline import find_offline_runs, read_offline_run
+
+    _crash_at(monkeypatch, 6, Interrupted("killed"))
+    with pytest.raises(Interrupted):
+        run_tiny(tmp_path, *RESUMABLE, "logger=wandb")
+    monkeypatch.undo()
+    real_init, calls = wandb.init, []
+
+    def refusing_init(*args: Any, **kwargs: Any) -> Any:
+        calls.append(sorted(k for k in ("resume", "resume_from") if k in kwargs))
+        if "resume_from" in kwargs:
+            kwargs["settings"].resume_from = kwargs["resume_from"]  # what wandb.init does to its settings
+            raise ValueError("rewind is not supported")
+        return real_init(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", refusing_init)
+    summary = run_tiny(tmp_path, *RESUMABLE, "logger=wandb")
+    assert summary["status"] == "completed" and calls == [["resume_from"], ["resume"]]
+    runs = [read_offline_run(p, wait_for_exit=60) for p in find_offline_runs(tmp_path)]
+    assert [r["exit_code"] for r in runs] == [1, 0]
 
 
 # ---- rerun rules: a run dir never mixes two runs nor redoes a finished one ---------------------------
