@@ -1,5 +1,5 @@
 """SmolLM2-135M on CPU (or CUDA), one job per strategy: step time, measured and activation bytes, and the
-score before and after fine-tuning (issue 12).
+score before and after fine-tuning.
 
 Run: python analysis/bench_smollm2.py --steps 4                  (memory and step time, ~1 min per strategy)
      python analysis/bench_smollm2.py --device cuda --strategies full lora qlora qalora relora peft_lora peft_qlora

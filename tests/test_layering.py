@@ -18,7 +18,7 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (2, ("adapters",)),
     (3, ("strategies",)),
     (4, ("training",)),
-    (5, ("checks", "cli", "eval_cli", "pretrain_cli", "__main__", "__init__")),
+    (5, ("checks", "argv_checks", "cli", "eval_cli", "pretrain_cli", "__main__", "__init__")),
     (6, ("analysis",)),  # reads what runs wrote (run dirs, W&B); never trains, so nothing imports it
 ]
 
